@@ -1,0 +1,1 @@
+"""Linearizing Llama / Qwen checkpoints (``hf_linattn.conversion``): arrives with the conversion issue."""
