@@ -40,7 +40,7 @@ def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -
         # zeros mean k = v = beta = gamma = 0 and g = 0 (alpha = 1): padded tokens leave states as they are
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
     x = x.to(dtype).reshape(x.shape[0], n_chunks, chunk, *x.shape[2:])
-    order = (1, 0, 3, 2) + tuple(range(4, x.dim()))
+    order = (1, 0, 3, 2, *range(4, x.dim()))
     return x.permute(order).contiguous()
 
 

@@ -69,6 +69,7 @@ class LinAttnConfig(PreTrainedConfig):
         if self.layer_types is None:
             self.layer_types = ["rdn"] * (self.num_hidden_layers or 2)
         self.layer_types = list(self.layer_types)
+        self._check_layer_types()  # before transformers remaps legacy names ("mamba" -> "linear_attention")
         if self.num_hidden_layers is None:
             self.num_hidden_layers = len(self.layer_types)
         if self.num_key_value_heads is None:
@@ -90,15 +91,23 @@ class LinAttnConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check()
 
-    def _check(self) -> None:
-        """One clear error per invalid value, raised at construction."""
+    def _check_layer_types(self) -> None:
         unknown = [(i, t) for i, t in enumerate(self.layer_types) if t not in LAYER_TYPES]
         if unknown:
             i, t = unknown[0]
             raise ValueError(f"layer_types[{i}] = {t!r} is not a known layer type; expected one of {LAYER_TYPES}")
+
+    def _check(self) -> None:
+        """One clear error per invalid value, raised at construction."""
+        self._check_layer_types()
         if self.num_hidden_layers != len(self.layer_types):
             raise ValueError(
                 f"num_hidden_layers ({self.num_hidden_layers}) must equal len(layer_types) ({len(self.layer_types)})"
+            )
+        if self.head_dim is None:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim explicitly"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                      "head_dim", "linear_num_heads", "linear_num_key_value_heads", "linear_key_head_dim",
@@ -106,11 +115,6 @@ class LinAttnConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.head_dim is None:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
-                f"({self.num_attention_heads}); set head_dim explicitly"
-            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -125,7 +129,8 @@ class LinAttnConfig(PreTrainedConfig):
             raise ValueError(f"head_dim ({self.head_dim}) must be even to apply rotary embeddings")
         if self.linear_use_rotary and self.linear_key_head_dim != self.head_dim:
             raise ValueError(
-                f"linear_use_rotary needs linear_key_head_dim ({self.linear_key_head_dim}) == head_dim ({self.head_dim})"
+                f"linear_use_rotary needs linear_key_head_dim ({self.linear_key_head_dim}) "
+                f"== head_dim ({self.head_dim})"
             )
         if "sliding_attention" in self.layer_types and (
             not isinstance(self.sliding_window, int) or self.sliding_window < 1
@@ -136,7 +141,9 @@ class LinAttnConfig(PreTrainedConfig):
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU MLP); got {self.hidden_act!r}")
         if not isinstance(self.rope_parameters, dict) or "rope_theta" not in self.rope_parameters:
-            raise ValueError(f"rope_parameters must be a dict with 'rope_type' and 'rope_theta'; got {self.rope_parameters!r}")
+            raise ValueError(
+                f"rope_parameters must be a dict with 'rope_type' and 'rope_theta'; got {self.rope_parameters!r}"
+            )
 
     def validate(self) -> None:
         """transformers' validators, with our layer-type check in place of its own (whose list lacks the modes)."""

@@ -40,15 +40,18 @@ class LinAttnRotaryEmbedding(nn.Module):
 
     def __init__(self, config: LinAttnConfig):
         super().__init__()
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "default":
-            dim = config.head_dim
-            base = config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: LinAttnConfig) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [head_dim // 2] and the cos/sin scaling of the configured rope type."""
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
+        dim, base = config.head_dim, config.rope_parameters["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +201,13 @@ class LinAttnLinearAttention(nn.Module):
         self.c_proj = nn.Linear(hidden, self.num_heads, bias=False) if self.mode in ("rla", "rdn") else None
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
-        self.g_proj = nn.Linear(hidden, self.num_heads * self.value_dim, bias=False) if config.linear_output_gate else None
+        gate = config.linear_output_gate
+        self.g_proj = nn.Linear(hidden, self.num_heads * self.value_dim, bias=False) if gate else None
         self.o_norm = LinAttnRMSNorm(self.value_dim, config.rms_norm_eps) if config.linear_output_norm else None
 
     def _short_conv(self, x: torch.Tensor, cache: LinAttnCache | None) -> torch.Tensor:
         """Causal depthwise conv of x [B, T, C], continuing from the cached last inputs; returns [B, T, C]."""
-        B, T, C = x.shape
+        B, _, C = x.shape
         x = x.transpose(1, 2)
         past = cache.conv_states[self.layer_idx] if cache is not None else None
         if past is None:
@@ -252,7 +256,7 @@ class LinAttnLinearAttention(nn.Module):
         gamma = torch.sigmoid(self.c_proj(x).float()) if self.c_proj is not None else None
         if valid is not None:
             # a padded token neither decays (g = 0) nor writes (beta = gamma = 0) the states
-            keep = valid[..., 0].float()
+            keep = valid.float()  # [B, T, 1], broadcasts over heads
             g, beta = g * keep, beta * keep
             gamma = gamma * keep if gamma is not None else None
 

@@ -81,6 +81,9 @@ class LinAttnPreTrainedModel(PreTrainedModel):
             init.copy_(module.conv1d.weight, weight)
         elif isinstance(module, LinAttnRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, LinAttnRotaryEmbedding):
+            # a non-persistent buffer: from_pretrained builds the model on the meta device, so recompute it
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.config)[0])
 
 
 class LinAttnModel(LinAttnPreTrainedModel):

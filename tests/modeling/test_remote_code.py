@@ -1,0 +1,121 @@
+"""Saved checkpoints load through trust_remote_code where hf_linattn cannot be imported, and packaging is sound."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from .tiny import HYBRID, prompt, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs in a fresh interpreter where `import hf_linattn` raises ImportError.
+LOAD_WITHOUT_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_linattn"] = None
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    checkpoint, io_file = sys.argv[1], sys.argv[2]
+    ids = load_file(io_file)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    assert "hf_linattn" not in type(model).__module__.split(".")[0], type(model).__module__
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    save_file({"input_ids": ids, "logits": logits, "greedy": greedy}, io_file)
+    print(type(model).__module__)
+    """
+)
+
+
+def run_python(code: str, *args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"} | (env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_checkpoint_loads_without_the_package(tmp_path):
+    model = tiny_model(HYBRID, linear_use_rotary=True, qk_norm=True, attention_bias=True)
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_linattn.LinAttnForCausalLM"
+    assert config["auto_map"]["AutoConfig"] == "configuration_linattn.LinAttnConfig"
+    code_files = sorted(p.name for p in checkpoint.glob("*.py"))
+    expected = {"modeling_linattn.py", "configuration_linattn.py", "ops.py", "chunked.py", "recurrent.py"}
+    assert expected <= set(code_files)
+    assert not any(p.is_symlink() for p in checkpoint.iterdir()), "remote code must be real files"
+    assert not any("hf_linattn" in (checkpoint / f).read_text().replace("hf_linattn.kernels.triton", "") and
+                   "import hf_linattn" in (checkpoint / f).read_text() for f in code_files)  # fmt: skip
+
+    ids = prompt(2, 75, seed=40)
+    io_file = tmp_path / "io.safetensors"
+    save_file({"input_ids": ids}, io_file)
+    result = run_python(LOAD_WITHOUT_PACKAGE, str(checkpoint), str(io_file), cwd=tmp_path,
+                        env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().startswith("transformers_modules")
+    remote = load_file(io_file)
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)  # fmt: skip
+    assert torch.equal(remote["logits"], logits)
+    assert torch.equal(remote["greedy"], greedy)
+
+
+def test_missing_weights_file_gets_a_clear_error(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(["rdn"])
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"model\.safetensors|no file named"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_built_wheel_installs_the_namespaced_packages(tmp_path):
+    """The wheel holds hf_linattn.{modeling,kernels,...} with real files, and no top-level kernels/modeling."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(wheel_dir)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next(wheel_dir.glob("hf_linattn-*.whl"))
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert not (target / "kernels").exists() and not (target / "modeling").exists()
+    assert not (target / "hf_linattn" / "modeling" / "ops.py").is_symlink()
+    code = textwrap.dedent(
+        """
+        import importlib.util, sys
+        import hf_linattn, hf_linattn.kernels, hf_linattn.modeling
+        assert hf_linattn.__file__.startswith(sys.argv[1]), hf_linattn.__file__
+        assert hf_linattn.kernels.__file__.startswith(sys.argv[1])
+        spec = importlib.util.find_spec("kernels")
+        assert spec is None or not spec.origin.startswith(sys.argv[1]), spec
+        print("ok")
+        """
+    )
+    result = run_python(code, str(target), cwd=tmp_path, env_extra={"PYTHONPATH": str(target)})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
