@@ -65,6 +65,13 @@ class LinAttnPreTrainedModel(PreTrainedModel):
     # The cache cannot roll back yet, so transformers must refuse assisted generation (it would be wrong).
     _is_stateful = True
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """As transformers' save_pretrained; auto_map also names the base model, so AutoModel loads it too."""
+        if self._auto_class is not None:
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": "modeling_linattn.LinAttnModel"}
+        return super().save_pretrained(save_directory, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

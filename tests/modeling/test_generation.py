@@ -180,3 +180,15 @@ def test_assisted_generation_is_refused_until_rollback_exists():
     model = tiny_model(STACKS["rdn"])
     with pytest.raises(ValueError, match="stateful"):
         generate(model, prompt(1, 5, seed=36), prompt_lookup_num_tokens=3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(STACKS["hybrid"]).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        ids = prompt(2, 40, seed=37)
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -24,9 +24,10 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     sys.modules["hf_linattn"] = None
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     checkpoint, io_file = sys.argv[1], sys.argv[2]
+    assert type(AutoModel.from_pretrained(checkpoint, trust_remote_code=True)).__name__ == "LinAttnModel"
     ids = load_file(io_file)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
     assert "hf_linattn" not in type(model).__module__.split(".")[0], type(model).__module__
@@ -55,6 +56,7 @@ def test_checkpoint_loads_without_the_package(tmp_path):
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_linattn.LinAttnForCausalLM"
     assert config["auto_map"]["AutoConfig"] == "configuration_linattn.LinAttnConfig"
+    assert config["auto_map"]["AutoModel"] == "modeling_linattn.LinAttnModel"
     code_files = sorted(p.name for p in checkpoint.glob("*.py"))
     expected = {"modeling_linattn.py", "configuration_linattn.py", "ops.py", "chunked.py", "recurrent.py"}
     assert expected <= set(code_files)
