@@ -11,13 +11,16 @@ the base recurrence of the spec unrolls to
 with A = strictly-lower (K K^T * D) and, for the delta rule, U, W from the unit-lower system
 (I + A diag(beta)) [U | W] = [V | Gamma K]  (the WY/UT transform, solved for e directly rather
 than for beta * e, so a small beta never divides). For gla, U = V - A diag(beta) V and
-W = Gamma K. Residual modes run a second recurrence of the same shape on the clipped error r
-with write strength gamma, inside the same chunk loop, so both states advance together.
+W = Gamma K. Residual modes run a second pass of the same shape on the clipped error r with
+write strength gamma and its own state R (``_pass`` is called twice).
 
-Everything that does not depend on the entering state (decays, Q K^T, K K^T, the triangular
-solves) is computed for all chunks in one batched call; only the small state products run in
-the Python loop over chunks. Every exponent is <= 0, so nothing overflows. Differentiable by
-autograd. This file imports nothing from hf_linattn (it is also checkpoint remote code).
+Everything that does not depend on the entering states (decays, Q K^T, K K^T, the triangular
+inverses, U, W) is computed for all chunks in one batched call, and so are e and the outputs
+once every chunk's entering state is known (they are kept: N x K x V per head, about the size
+of q, k, v at C = 32, half that at C = 64). The Python loop over chunks only advances the state: two small matmuls
+per chunk for the delta rule; for gla, whose writes do not depend on the state, one multiply-add.
+Every exponent is <= 0, so nothing overflows. Differentiable by autograd. This file imports
+nothing from hf_linattn (it is also checkpoint remote code).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import torch.nn.functional as F
 
 from .modes import is_delta, is_residual, state_dtype
 
+# 64 as in flash-linear-attention and the Triton kernels (C = 32 measured ~15% faster for the delta
+# modes on a 2-core CPU; see docs/benchmarks.md). chunk_size is a parameter for such tuning.
 CHUNK_SIZE = 64
+_BLOCK = 16  # diagonal blocks inverted by LAPACK in _unit_lower_inverse; larger ones are assembled
 
 
 def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, *D] -> [N, B, H, C, *D] in ``dtype``, zero-padded at the end of T.
+    """[B, T, H, *D] -> [N, B * H, C, *D] in ``dtype``, zero-padded at the end of T.
 
     Chunks lead so that the per-chunk slices of the sequential loop are contiguous.
     """
@@ -41,14 +47,78 @@ def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
     x = x.to(dtype).reshape(x.shape[0], n_chunks, chunk, *x.shape[2:])
     order = (1, 0, 3, 2, *range(4, x.dim()))
-    return x.permute(order).contiguous()
+    return x.permute(order).contiguous().flatten(1, 2)
 
 
-def _unit_lower_inverse(strict_lower: torch.Tensor, strength: torch.Tensor) -> torch.Tensor:
-    """(I + strict_lower * strength[..., None, :])^-1 for batches of [C, C] matrices."""
-    eye = torch.eye(strict_lower.shape[-1], dtype=strict_lower.dtype, device=strict_lower.device)
-    system = eye + strict_lower * strength[..., None, :]
-    return torch.linalg.solve_triangular(system, eye.expand_as(system), upper=False, unitriangular=True)
+def _unit_lower_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
+    """(I + strict_lower)^-1 for batches of [C, C] matrices.
+
+    Diagonal blocks of size _BLOCK are inverted by one batched triangular solve, then pairs of
+    neighbouring blocks merge as [[T1, 0], [-T2 A21 T1, T2]] until one block is left (faster on
+    CPU than one LAPACK solve of the whole matrix). C not a power-of-two multiple of _BLOCK:
+    one solve.
+    """
+    C = strict_lower.shape[-1]
+    m = _BLOCK if C % _BLOCK == 0 and (C // _BLOCK) & (C // _BLOCK - 1) == 0 else C
+    blocks = strict_lower.unflatten(-2, (C // m, m)).unflatten(-1, (C // m, m))  # [..., nb, m, nb, m]
+    diag = blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # [..., nb, m, m]
+    eye = torch.eye(m, dtype=diag.dtype, device=diag.device)
+    inv = torch.linalg.solve_triangular(diag, eye.expand_as(diag), upper=False, unitriangular=True)
+    while m < C:
+        n_pairs = C // (2 * m)
+        pairs = strict_lower.unflatten(-2, (n_pairs, 2 * m)).unflatten(-1, (n_pairs, 2 * m))
+        a21 = pairs.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)[..., m:, :m]  # [..., n_pairs, m, m]
+        t11, t22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        t21 = -(t22 @ a21 @ t11)
+        inv = torch.cat([torch.cat([t11, torch.zeros_like(t11)], -1), torch.cat([t21, t22], -1)], -2)
+        m *= 2
+    return inv.squeeze(-3)
+
+
+def _pass(
+    values: torch.Tensor,
+    strength: torch.Tensor,
+    state: torch.Tensor,
+    chunks: dict[str, torch.Tensor],
+    delta: bool,
+    qk: torch.Tensor,
+    need_error: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One gated linear attention (delta rule if ``delta``) over all chunks.
+
+    values [N, BH, C, V], strength [N, BH, C], state [BH, K, V]; ``qk`` is the decayed Q K^T the
+    output reads (inclusive, or strictly causal for the base pass of residual modes).
+    Returns the output [N, BH, C, V], the error e (if delta or ``need_error``) and the final state.
+    """
+    s = strength[..., None]
+    k_gamma, kk = chunks["k_gamma"], chunks.get("kk")
+    if delta:
+        t = _unit_lower_inverse(kk * strength[..., None, :])
+        u, w = t @ values, t @ k_gamma
+    elif need_error:
+        u, w = values - kk @ (s * values), k_gamma
+    # the state advances by exp(b_C) S + K_w^T (e or v), K_w = K * exp(b_C - b) * strength
+    k_write = (chunks["k"] * (chunks["to_end"] * strength)[..., None]).transpose(-1, -2)
+    decays = chunks["chunk_decay"].unbind(0)
+    states, errors = [], []
+    if delta:
+        for u_n, w_n, k_n, decay in zip(u.unbind(0), w.unbind(0), k_write.unbind(0), decays):
+            states.append(state)
+            errors.append(torch.baddbmm(u_n, w_n, state, alpha=-1))
+            state = torch.baddbmm(decay * state, k_n, errors[-1])
+    else:  # what each chunk writes does not depend on the state: one batched product, then a scan
+        for increment, decay in zip((k_write @ values).unbind(0), decays):
+            states.append(state)
+            state = torch.addcmul(increment, decay, state)
+    states = torch.stack(states)  # entering state of every chunk, [N, BH, K, V]
+    if delta:
+        e = torch.stack(errors)
+        x = s * e
+    else:
+        e = u - w @ states if need_error else None
+        x = s * values
+    o = torch.baddbmm((qk @ x).flatten(0, 1), chunks["q_gamma"].flatten(0, 1), states.flatten(0, 1))
+    return o.view_as(x), e, state
 
 
 def chunked_residual_attention(
@@ -79,53 +149,34 @@ def chunked_residual_attention(
     q_c = _to_chunks(q, N, C, dt) * scale
     k_c, v_c = _to_chunks(k, N, C, dt), _to_chunks(v, N, C, dt)
     g_c, beta_c = _to_chunks(g, N, C, dt), _to_chunks(beta, N, C, dt)
-    gamma_c = _to_chunks(gamma, N, C, dt) if residual else None
 
     # decays; every exponent is <= 0
-    b = g_c.cumsum(-1)  # [N, B, H, C]
+    b = g_c.cumsum(-1)  # [N, BH, C]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    to_end = (b[..., -1:] - b).exp()  # exp(b_C - b_t)
-    chunk_decay = b[..., -1].exp()[..., None, None]  # [N, B, H, 1, 1]
-    q_gamma = q_c * b.exp()[..., None]  # Gamma Q
-    k_gamma = k_c * b.exp()[..., None]  # Gamma K
-    k_end = k_c * to_end[..., None]
-
+    growth = b.exp()[..., None]
+    chunks = {
+        "chunk_decay": b[..., -1].exp()[..., None, None],  # [N, BH, 1, 1]
+        "q_gamma": q_c * growth,  # Gamma Q
+        "k_gamma": k_c * growth,  # Gamma K
+        "k": k_c,
+        "to_end": (b[..., -1:] - b).exp(),  # exp(b_C - b_t)
+    }
     qk = (q_c @ k_c.transpose(-1, -2)) * decay  # inclusive: reads S_t
-    kk = ((k_c @ k_c.transpose(-1, -2)) * decay).tril(-1)  # strictly causal: reads S~_t
-    # residual modes read the base state before the token writes (S~_t), so strictly causal
-    qk_base = qk.tril(-1) if residual else qk
-
-    if delta:
-        t_base = _unit_lower_inverse(kk, beta_c)
-        u_base, w_base = t_base @ v_c, t_base @ k_gamma
-    else:
-        u_base, w_base = v_c - kk @ (beta_c[..., None] * v_c), k_gamma
-    if residual and delta:
-        t_res = _unit_lower_inverse(kk, gamma_c)
-        w_res = t_res @ k_gamma
+    if delta or residual:
+        chunks["kk"] = ((k_c @ k_c.transpose(-1, -2)) * decay).tril(-1)  # strictly causal: reads S~_t
 
     S0, R0 = initial_state
-    S = S0.to(dt) if S0 is not None else q_c.new_zeros(B, H, K, V)
+    S = S0.to(dt).flatten(0, 1) if S0 is not None else q_c.new_zeros(B * H, K, V)
+    # residual modes read the base state before the token writes (S~_t), so strictly causal
+    o, e, S = _pass(v_c, beta_c, S, chunks, delta, qk.tril(-1) if residual else qk, residual)
     R = None
     if residual:
-        R = R0.to(dt) if R0 is not None else q_c.new_zeros(B, H, K, V)
+        gamma_c = _to_chunks(gamma, N, C, dt)
+        R = R0.to(dt).flatten(0, 1) if R0 is not None else q_c.new_zeros(B * H, K, V)
+        o_res, _, R = _pass(e.clamp(-clip, clip), gamma_c, R, chunks, delta, qk, False)
+        o = o + gamma_c[..., None] * o_res
+        R = R.view(B, H, K, V)
 
-    o = torch.empty(N, B, H, C, V, dtype=dt, device=q.device)
-    for n in range(N):
-        e = u_base[n] - w_base[n] @ S
-        x = beta_c[n, ..., None] * (e if delta else v_c[n])
-        o_n = q_gamma[n] @ S + qk_base[n] @ x
-        S = chunk_decay[n] * S + k_end[n].transpose(-1, -2) @ x
-        if residual:
-            c_n = gamma_c[n, ..., None]
-            r = e.clamp(-clip, clip)
-            if delta:
-                r = t_res[n] @ r - w_res[n] @ R  # the error of the second delta rule
-            x_res = c_n * r
-            o_n = o_n + c_n * (q_gamma[n] @ R + qk[n] @ x_res)
-            R = chunk_decay[n] * R + k_end[n].transpose(-1, -2) @ x_res
-        o[n] = o_n
-
-    o = o.permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T].to(out_dtype)
-    return o, ((S, R) if output_final_state else None)
+    o = o.view(N, B, H, C, V).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, V)[:, :T].to(out_dtype)
+    return o, ((S.view(B, H, K, V), R) if output_final_state else None)

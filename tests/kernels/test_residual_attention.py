@@ -202,3 +202,17 @@ def test_bad_arguments_get_one_clear_error(change, message):
     kwargs = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "gamma": gamma, "mode": "rdn"} | change
     with pytest.raises(ValueError, match=message):
         residual_attention(**kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [1, 16, 48, 128])
+def test_other_chunk_sizes_match_reference(mode, chunk_size):
+    """The chunked algorithm is exact for any chunk size, including ones that are no power of two."""
+    from hf_linattn.kernels import chunked_residual_attention
+
+    q, k, v, g, beta, gamma, S0, R0 = make_inputs(mode, T=100, dtype=torch.float64, seed=12)
+    o_ref, (S_ref, _) = run([q, k, v, g, beta, gamma, S0, R0], mode, "recurrent")
+    o, (S, _) = chunked_residual_attention(
+        q, k, v, g, beta, gamma, mode, 1.0, K**-0.5, (S0, R0), True, chunk_size=chunk_size
+    )
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10

@@ -1,0 +1,41 @@
+"""The benchmark scripts still run (``--quick`` sizes) and report every ratio they promise.
+
+Timings themselves are never asserted: speed is measured by the scripts, not by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_quick(script: str, report: Path) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--quick", "--no-progress", "--json", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "|" in result.stdout, "a table of ratios is printed"
+    return json.loads(report.read_text())["results"]
+
+
+def test_bench_ops_reports_speedups_and_residual_costs(tmp_path):
+    results = run_quick("bench_ops.py", tmp_path / "ops.json")
+    assert set(results["speedup_vs_recurrent"]) == {"gla", "gdn", "rla", "rdn"}
+    assert all(r["speedup"] > 0 for r in results["speedup_vs_recurrent"].values())
+    assert set(results["residual_over_base"]) == {"rla/gla", "rdn/gdn"}
+
+
+@pytest.mark.slow
+def test_bench_model_reports_prefill_decode_and_cache(tmp_path):
+    results = run_quick("bench_model.py", tmp_path / "model.json")
+    for key in ("prefill_ms", "decode_ms_per_token", "cache_bytes"):
+        assert {"gla", "gdn", "rla", "rdn", "hybrid", "llama"} <= set(results[key]), key
+    # a pure linear stack's cache does not depend on the context length: exact, not a timing
+    assert all(results["cache_bytes"][m]["ratio"] == 1.0 for m in ("gla", "gdn", "rla", "rdn"))
