@@ -192,3 +192,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_generate_continues_from_a_returned_cache():
+    model = tiny_model(STACKS["hybrid"])
+    ids = prompt(1, 12, seed=38)
+    full = generate(model, ids, do_sample=False, max_new_tokens=10)
+    with torch.no_grad():
+        first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                               pad_token_id=0, eos_token_id=None)  # fmt: skip
+        assert isinstance(first.past_key_values, LinAttnCache)
+        second = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=5,
+                                do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
+    assert torch.equal(second, full)
