@@ -38,9 +38,9 @@ from _common import (
     verdict,
     write_report,
 )
-from hf_linattn.modeling import LINEAR_LAYER_TYPES
 
 from hf_linattn import LinAttnConfig, LinAttnForCausalLM
+from hf_linattn.modeling import LINEAR_LAYER_TYPES
 
 NAME = "bench_model"
 PREFILL_GOAL = 9.0  # prefill(long) / prefill(short) for 8x the tokens, at most (linear modes)

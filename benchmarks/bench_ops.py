@@ -33,6 +33,7 @@ from _common import (
     verdict,
     write_report,
 )
+
 from hf_linattn.kernels import CHUNK_SIZE, MODES, chunked_residual_attention, is_residual, residual_attention
 
 NAME = "bench_ops"

@@ -14,7 +14,8 @@ class LinAttnConfig(PreTrainedConfig):
 
     The backbone fields follow `LlamaConfig` / `Qwen3Config` (RMSNorm, SwiGLU MLP, grouped-query
     attention, rotary, optional q/k biases and per-head q/k RMSNorm), so converted checkpoints map
-    one to one. `layer_types` picks the mixer of every layer:
+    one to one (`attention_bias` covers q/k/v and, unless `attention_output_bias` says otherwise, o).
+    `layer_types` picks the mixer of every layer:
 
     - "gla", "gdn", "rla", "rdn": linear attention of that mode (arXiv 2509.25223 for rla/rdn);
     - "full_attention", "sliding_attention": softmax attention (the latter over `sliding_window` tokens).
@@ -50,6 +51,7 @@ class LinAttnConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     rope_parameters: dict | None = None
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
     attention_dropout: float = 0.0
     mlp_bias: bool = False
     qk_norm: bool = False
@@ -74,6 +76,8 @@ class LinAttnConfig(PreTrainedConfig):
             self.num_hidden_layers = len(self.layer_types)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias  # Llama: one flag for q/k/v/o; Qwen2: q/k/v only
         if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.linear_num_heads is None:

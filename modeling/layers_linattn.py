@@ -128,7 +128,7 @@ class LinAttnSoftmaxAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_output_bias)
         if config.qk_norm:
             self.q_norm = LinAttnRMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = LinAttnRMSNorm(self.head_dim, config.rms_norm_eps)
@@ -185,7 +185,7 @@ class LinAttnLinearAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * self.key_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.key_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.value_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.value_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.value_dim, hidden, bias=config.attention_output_bias)
         self.conv_channels = (self.num_heads + self.num_kv_heads) * self.key_dim + self.num_kv_heads * self.value_dim
         self.conv_size = config.linear_conv_size
         self.conv1d = nn.Conv1d(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hf_linattn.kernels import MODES, is_delta, is_residual, residual_attention
 
 B, H, K, V = 2, 3, 16, 24
