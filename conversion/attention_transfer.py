@@ -1,0 +1,127 @@
+"""Stage 1 of linearization: attention transfer (LoLCATs, RADLADS step 1).
+
+Every linear layer learns to reproduce its base layer's softmax-attention output on the same
+input hidden states, independently of the other layers (teacher forcing: inputs come from the
+base model, so layers train in parallel). Only the new pieces of a linear layer train (short
+conv, decay / write gates, output gate and norm); the q/k/v/o projections and q/k norms copied
+from the base stay frozen. The per-layer error measured here is also what hybrid selection
+ranks layers by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from ..modeling import LinAttnForCausalLM
+from ..modeling.layers_linattn import LinAttnLinearAttention
+
+# Parameters of a linear layer that come from the base model and stay frozen in stage 1.
+TRANSFERRED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+def new_parameters(layer: LinAttnLinearAttention) -> list[nn.Parameter]:
+    """The parameters of a linear layer that the base model did not provide."""
+    return [p for name, p in layer.named_parameters() if name.split(".")[0] not in TRANSFERRED]
+
+
+@torch.no_grad()
+def capture_attention_io(
+    base: PreTrainedModel, input_ids: torch.Tensor, layers: Iterable[int]
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``base`` on input_ids [B, T]; return {layer: (attention input [B, T, D], attention output [B, T, D])}."""
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for i in layers:
+        def hook(module, args, kwargs, output, i=i):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            captured[i] = (hidden.detach(), output[0].detach())
+
+        handles.append(base.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        base(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def layer_errors(
+    base: PreTrainedModel, model: LinAttnForCausalLM, input_ids: torch.Tensor
+) -> dict[int, float]:
+    """Relative MSE ||student - teacher||^2 / ||teacher||^2 of every linear layer's attention output."""
+    linear = _linear_layers(model)
+    captured = capture_attention_io(base, input_ids, linear)
+    position_embeddings = _position_embeddings(model, input_ids)
+    errors = {}
+    with torch.no_grad():
+        for i, layer in linear.items():
+            hidden, target = captured[i]
+            out = layer(hidden, position_embeddings, None, None, 0)
+            errors[i] = (F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()).item()
+    return errors
+
+
+def attention_transfer(
+    base: PreTrainedModel,
+    model: LinAttnForCausalLM,
+    batches: Iterable[torch.Tensor],
+    steps: int,
+    lr: float = 1e-2,
+    progress: bool = True,
+) -> list[float]:
+    """Train the new pieces of every linear layer of ``model`` to match ``base``'s attention outputs.
+
+    batches: an iterable of input_ids [B, T], cycled until ``steps`` optimizer steps are done.
+    Returns the summed per-layer relative MSE of each step.
+    """
+    linear = _linear_layers(model)
+    if not linear:
+        raise ValueError("the model has no linear-attention layer to train")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for layer in linear.values() for p in new_parameters(layer)]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    base.eval()
+    model.train()
+    history = []
+    batches = list(batches)
+    bar = tqdm(range(steps), desc="attention transfer", disable=not progress)
+    for step in bar:
+        input_ids = batches[step % len(batches)]
+        captured = capture_attention_io(base, input_ids, linear)
+        position_embeddings = _position_embeddings(model, input_ids)
+        loss = 0.0
+        for i, layer in linear.items():
+            hidden, target = captured[i]
+            out = layer(hidden, position_embeddings, None, None, 0)
+            loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+    model.eval()
+    return history
+
+
+def _linear_layers(model: LinAttnForCausalLM) -> dict[int, LinAttnLinearAttention]:
+    return {
+        i: layer.self_attn
+        for i, layer in enumerate(model.model.layers)
+        if isinstance(layer.self_attn, LinAttnLinearAttention)
+    }
+
+
+def _position_embeddings(model: LinAttnForCausalLM, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T = input_ids.shape
+    position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+    dummy = model.model.embed_tokens.weight[:1]
+    return model.model.rotary_emb(dummy, position_ids)
