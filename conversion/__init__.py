@@ -1,10 +1,13 @@
 """Linearizing Llama / Qwen2 / Qwen3 checkpoints (``hf_linattn.conversion``).
 
-So far: weight transfer (``transfer.py``) and stage-1 attention transfer (``attention_transfer.py``).
-LoRA recovery, hybrid layer selection, evaluation and the CLI arrive with the conversion issue.
+So far, as library functions: weight transfer (``transfer.py``), stage-1 attention transfer
+(``attention_transfer.py``) and stage-2 PEFT LoRA recovery (``lora.py``). Hybrid layer selection,
+resumable runs on accelerate, evaluation, the embedded teacher and the CLI arrive with the
+conversion issue.
 """
 
 from .attention_transfer import attention_transfer, layer_errors
+from .lora import NonFiniteLossError, lora_recover, recovery_loss
 from .transfer import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedBaseModelError,
@@ -15,10 +18,13 @@ from .transfer import (
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "NonFiniteLossError",
     "UnsupportedBaseModelError",
     "attention_transfer",
     "layer_errors",
     "linear_config_from_base",
     "linearize",
+    "lora_recover",
+    "recovery_loss",
     "transfer_weights",
 ]

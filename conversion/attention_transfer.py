@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from ..modeling import LinAttnForCausalLM
 from ..modeling.layers_linattn import LinAttnLinearAttention
+from .lora import NonFiniteLossError
 
 # Parameters of a linear layer that come from the base model and stay frozen in stage 1.
 TRANSFERRED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -103,6 +104,8 @@ def attention_transfer(
             hidden, target = captured[i]
             out = layer(hidden, position_embeddings, None, None, 0)
             loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"attention transfer step {step}: loss is {loss.item()}; parameters kept")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
