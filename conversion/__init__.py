@@ -7,8 +7,9 @@ conversion issue.
 """
 
 from .attention_transfer import attention_transfer, layer_errors
-from .lora import NonFiniteLossError, lora_recover, recovery_loss
+from .lora import lora_recover, recovery_loss
 from .selection import hybrid_layer_types, select_softmax_layers
+from .training import NonFiniteLossError
 from .transfer import (
     SUPPORTED_MODEL_TYPES,
     UnsupportedBaseModelError,

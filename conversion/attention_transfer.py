@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from ..modeling import LinAttnForCausalLM
 from ..modeling.layers_linattn import LinAttnLinearAttention
-from .lora import NonFiniteLossError
+from .training import checked_step
 
 # Parameters of a linear layer that come from the base model and stay frozen in stage 1.
 TRANSFERRED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -104,12 +104,7 @@ def attention_transfer(
             hidden, target = captured[i]
             out = layer(hidden, position_embeddings, None, None, 0)
             loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"attention transfer step {step}: loss is {loss.item()}; parameters kept")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(loss.item())
+        history.append(checked_step(optimizer, loss, "attention transfer", step))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     model.eval()
     return history

@@ -17,14 +17,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..modeling import LinAttnForCausalLM
+from .training import checked_step
 
 LOSSES = ("ce", "kl", "ce+kl")
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_TARGETS = ["gate_proj", "up_proj", "down_proj"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training loss was NaN or inf; the parameters still hold the last good step."""
 
 
 def recovery_loss(
@@ -87,12 +84,7 @@ def lora_recover(
                 teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
         logits = peft_model(input_ids=input_ids, use_cache=False).logits
         value = recovery_loss(logits, input_ids, teacher_logits, loss)
-        if not torch.isfinite(value):
-            raise NonFiniteLossError(f"LoRA step {step}: loss is {value.item()}; parameters kept from step {step - 1}")
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
-        history.append(value.item())
+        history.append(checked_step(optimizer, value, "LoRA", step))
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     peft_model.eval()
     if adapter_dir is not None:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from hf_linattn import LinAttnForCausalLM
-from hf_linattn.conversion import linearize
-from hf_linattn.conversion.lora import NonFiniteLossError, lora_recover, recovery_loss
+from hf_linattn.conversion import NonFiniteLossError, linearize, lora_recover, recovery_loss
 
 from .test_transfer import llama, randomize
 
