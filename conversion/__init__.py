@@ -1,13 +1,17 @@
 """Linearizing Llama / Qwen2 / Qwen3 checkpoints (``hf_linattn.conversion``).
 
-So far, as library functions: weight transfer (``transfer.py``), stage-1 attention transfer
-(``attention_transfer.py``), stage-2 PEFT LoRA recovery (``lora.py``) and hybrid layer selection
-(``selection.py``). Resumable runs on accelerate, evaluation, the embedded teacher and the CLI arrive with the
-conversion issue.
+The parts, one file each: base loading with input checks (``loading.py``), weight transfer
+(``transfer.py``), stage-1 attention transfer (``attention_transfer.py``), stage-2 PEFT LoRA
+recovery (``lora.py``), hybrid layer selection (``selection.py``), data (``data.py``), resumable
+training state (``checkpoint.py``, ``training.py``), evaluation (``evaluate.py``, ``lm_eval_task.py``)
+and the whole resumable run behind ``hf-linattn convert`` (``pipeline.py``).
 """
 
 from .attention_transfer import attention_transfer, layer_errors
+from .evaluate import evaluate_checkpoint, greedy_agreement, perplexity
+from .loading import MissingCheckpointFileError, TokenizerMismatchError, load_base
 from .lora import lora_recover, recovery_loss
+from .pipeline import ConversionRecipe, RecipeMismatchError, convert
 from .selection import hybrid_layer_types, select_softmax_layers
 from .training import NonFiniteLossError
 from .transfer import (
@@ -20,14 +24,23 @@ from .transfer import (
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "ConversionRecipe",
+    "MissingCheckpointFileError",
     "NonFiniteLossError",
+    "RecipeMismatchError",
+    "TokenizerMismatchError",
     "UnsupportedBaseModelError",
     "attention_transfer",
+    "convert",
+    "evaluate_checkpoint",
+    "greedy_agreement",
     "hybrid_layer_types",
     "layer_errors",
     "linear_config_from_base",
     "linearize",
+    "load_base",
     "lora_recover",
+    "perplexity",
     "recovery_loss",
     "select_softmax_layers",
     "transfer_weights",

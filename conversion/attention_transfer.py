@@ -10,17 +10,19 @@ ranks layers by.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..modeling import LinAttnForCausalLM
 from ..modeling.layers_linattn import LinAttnLinearAttention
-from .training import checked_step
+from .checkpoint import StageCheckpoint
+from .data import shard
+from .training import run_steps
 
 # Parameters of a linear layer that come from the base model and stay frozen in stage 1.
 TRANSFERRED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -68,44 +70,73 @@ def layer_errors(
     return errors
 
 
+class AttentionTransferObjective(nn.Module):
+    """Summed per-layer relative MSE of the linear layers against the base attention outputs.
+
+    A module, so accelerate can wrap it in DDP: its trainable parameters are exactly the new pieces.
+    """
+
+    def __init__(self, layers: dict[int, LinAttnLinearAttention]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): layer for i, layer in layers.items()})
+
+    def forward(
+        self,
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        loss = 0.0
+        for key, layer in self.layers.items():
+            hidden, target = captured[int(key)]
+            out = layer(hidden, position_embeddings, None, None, 0)
+            loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
+        return loss
+
+
 def attention_transfer(
     base: PreTrainedModel,
     model: LinAttnForCausalLM,
-    batches: Iterable[torch.Tensor],
+    batches: Sequence[torch.Tensor],
     steps: int,
     lr: float = 1e-2,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> list[float]:
     """Train the new pieces of every linear layer of ``model`` to match ``base``'s attention outputs.
 
-    batches: an iterable of input_ids [B, T], cycled until ``steps`` optimizer steps are done.
-    Returns the summed per-layer relative MSE of each step.
+    batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
+    accelerate, this process's rows of it). With ``checkpoint``, the run saves itself as it goes and
+    resumes from the last save. Returns the summed per-layer relative MSE of every step.
     """
     linear = _linear_layers(model)
     if not linear:
         raise ValueError("the model has no linear-attention layer to train")
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for layer in linear.values() for p in new_parameters(layer)]
-    for p in params:
+    params = {
+        f"{i}.{name}": p
+        for i, layer in linear.items()
+        for name, p in layer.named_parameters()
+        if name.split(".")[0] not in TRANSFERRED
+    }
+    for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    objective = AttentionTransferObjective(linear)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None:
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     base.eval()
     model.train()
-    history = []
-    batches = list(batches)
-    bar = tqdm(range(steps), desc="attention transfer", disable=not progress)
-    for step in bar:
-        input_ids = batches[step % len(batches)]
+
+    def loss_for_step(step: int) -> torch.Tensor:
+        input_ids = shard(batches[step % len(batches)], rank, world).to(model.device)
         captured = capture_attention_io(base, input_ids, linear)
-        position_embeddings = _position_embeddings(model, input_ids)
-        loss = 0.0
-        for i, layer in linear.items():
-            hidden, target = captured[i]
-            out = layer(hidden, position_embeddings, None, None, 0)
-            loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
-        history.append(checked_step(optimizer, loss, "attention transfer", step))
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        return objective(captured, _position_embeddings(model, input_ids))
+
+    stage = "attention transfer"
+    history = run_steps(loss_for_step, params, optimizer, steps, stage, checkpoint, accelerator, progress)
     model.eval()
     return history
 

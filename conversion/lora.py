@@ -7,17 +7,19 @@ on its own and then merged, so the result is a plain LinAttnForCausalLM again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..modeling import LinAttnForCausalLM
-from .training import checked_step
+from .checkpoint import StageCheckpoint
+from .data import shard
+from .training import run_steps
 
 LOSSES = ("ce", "kl", "ce+kl")
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -40,7 +42,7 @@ def recovery_loss(
 
 def lora_recover(
     model: LinAttnForCausalLM,
-    batches: Iterable[torch.Tensor],
+    batches: Sequence[torch.Tensor],
     steps: int,
     teacher: PreTrainedModel | None = None,
     loss: str = "ce",
@@ -50,11 +52,14 @@ def lora_recover(
     include_mlp: bool = False,
     adapter_dir: str | Path | None = None,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
+    checkpoint: StageCheckpoint | None = None,
 ) -> tuple[LinAttnForCausalLM, list[float]]:
     """Train LoRA adapters on ``model``, save them to ``adapter_dir`` (if given), merge them.
 
-    batches: input_ids [B, T], cycled for ``steps`` steps. ``teacher`` is needed for "kl" losses.
-    Returns the merged model and the loss of every step.
+    batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
+    accelerate, this process's rows). ``teacher`` is needed for "kl" losses. With ``checkpoint`` the
+    run saves itself as it goes and resumes from the last save. Returns the merged model and the losses.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -70,24 +75,27 @@ def lora_recover(
     targets = ATTENTION_TARGETS + (MLP_TARGETS if include_mlp else [])
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    peft_model.train()
-    batches = list(batches)
-    history = []
-    bar = tqdm(range(steps), desc=f"LoRA recovery ({loss})", disable=not progress)
-    for step in bar:
-        input_ids = batches[step % len(batches)]
+    params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    proc, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    trained = peft_model
+    if accelerator is not None:
+        trained, optimizer = accelerator.prepare(peft_model, optimizer)
+    trained.train()
+
+    def loss_for_step(step: int) -> torch.Tensor:
+        input_ids = shard(batches[step % len(batches)], proc, world).to(peft_model.device)
         teacher_logits = None
-        if teacher is not None and "kl" in loss:
+        if "kl" in loss:
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
-        logits = peft_model(input_ids=input_ids, use_cache=False).logits
-        value = recovery_loss(logits, input_ids, teacher_logits, loss)
-        history.append(checked_step(optimizer, value, "LoRA", step))
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        logits = trained(input_ids=input_ids, use_cache=False).logits
+        return recovery_loss(logits, input_ids, teacher_logits, loss)
+
+    history = run_steps(loss_for_step, params, optimizer, steps, f"LoRA recovery ({loss})", checkpoint, accelerator,
+                        progress)  # fmt: skip
     peft_model.eval()
-    if adapter_dir is not None:
+    if adapter_dir is not None and (accelerator is None or accelerator.is_main_process):
         peft_model.save_pretrained(str(adapter_dir))
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():

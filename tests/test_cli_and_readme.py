@@ -33,3 +33,15 @@ def test_demo_rejects_unknown_layer_types(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--layer-types", "rdn,transformer"])
     assert "unknown layer type" in capsys.readouterr().err
+
+
+def test_readme_main_command_is_a_valid_conversion():
+    """The README's main command converts the embedded teacher; its flags must parse as written."""
+    from hf_linattn.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("python3 -m venv") and "hf-linattn convert" in ln]
+    argv = line.split(".venv/bin/hf-linattn ", 1)[1].split()
+    args = build_parser().parse_args(argv)
+    assert args.command == "convert" and args.base == "embedded-teacher"
+    assert args.keep_softmax == 2 and args.mode == "rdn"

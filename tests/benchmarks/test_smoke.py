@@ -39,3 +39,19 @@ def test_bench_model_reports_prefill_decode_and_cache(tmp_path):
         assert {"gla", "gdn", "rla", "rdn", "hybrid", "llama"} <= set(results[key]), key
     # a pure linear stack's cache does not depend on the context length: exact, not a timing
     assert all(results["cache_bytes"][m]["ratio"] == 1.0 for m in ("gla", "gdn", "rla", "rdn"))
+
+
+@pytest.mark.slow
+def test_bench_conversion_reports_student_over_teacher(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_conversion.py"), "--quick", "--no-progress",
+         "--variants", "hybrid", "gla", "--output-dir", str(tmp_path / "runs"), "--json", str(tmp_path / "c.json")],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert set(results) == {"hybrid", "gla"}
+    assert len(results["hybrid"]["kept_softmax_layers"]) == 2 and results["gla"]["kept_softmax_layers"] == []
+    assert all(r["ratio"] == pytest.approx(r["student_perplexity"] / r["teacher_perplexity"], rel=1e-3)
+               for r in results.values())  # fmt: skip
+    assert "| hybrid" in result.stdout

@@ -1,0 +1,28 @@
+"""Shared conversion fixtures: one tiny-budget conversion of the embedded teacher, reused by several tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_linattn.cli import main
+
+# A tiny budget: the point is the machinery, not the quality (docs/benchmarks.md measures quality).
+TINY = ["--attention-transfer-steps", "4", "--lora-steps", "4", "--seq-len", "64", "--batch-size", "2",
+        "--eval-tokens", "2048", "--max-train-tokens", "60000", "--agreement-prompts", "2",
+        "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+
+
+def convert_cli(output: Path, *extra: str) -> dict:
+    assert main(["convert", "--output", str(output), "--mode", "rdn", *TINY, *extra]) == 0
+    return json.loads((output / "conversion_report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("converted")
+    return out, convert_cli(out, "--keep-softmax", "2")
+
+

@@ -1,0 +1,93 @@
+"""Model card rendering and Hub push (the HfApi calls are recorded, since no hub is reachable here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from hf_linattn.cli import main
+from hf_linattn.hub_cards import IncompleteCheckpointError, check_exportable, push_to_hub, render_model_card
+
+REPORT = {
+    "teacher_perplexity": 12.3456, "student_perplexity": 13.5, "perplexity_ratio": 1.0935, "heldout_tokens": 4096,
+    "greedy_agreement": {"token_agreement": 0.625, "mean_agreeing_prefix": 7.5},
+    "recipe": {"base": "Qwen/Qwen3-0.6B", "mode": "rdn", "keep_softmax": 1, "keep_softmax_layers": None,
+               "attention_transfer_steps": 10, "attention_transfer_lr": 0.01, "lora_steps": 20, "lora_lr": 0.001,
+               "lora_rank": 8, "lora_alpha": 16, "lora_mlp": True, "loss": "kl", "batch_size": 4, "seq_len": 512,
+               "linear_use_rotary": False, "residual_clip": 1.0, "seed": 0},
+    "num_layers": 4, "layer_types": ["rdn", "rdn", "full_attention", "rdn"], "kept_softmax_layers": [2],
+    "stage1_layer_errors": [0.1, 0.2, 0.9, 0.3], "train_tokens_seen": {"attention_transfer": 20480, "lora": 40960},
+}  # fmt: skip
+
+
+class RecordingApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        return "https://huggingface.co/me/model/commit/abc"
+
+
+def test_card_metadata_and_figures():
+    card = render_model_card(REPORT, repo_id="me/qwen3-rdn")
+    meta = yaml.safe_load(str(card).split("---")[1])
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B" and meta["library_name"] == "transformers"
+    assert "rdn" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
+    text = str(card)
+    assert '"me/qwen3-rdn", trust_remote_code=True' in text
+    assert "12.346" in text and "13.500 (1.093x)" in text and "62.5%" in text
+    assert "| error | 0.1000 | 0.2000 | 0.9000 | 0.3000 |" in text
+    assert "highest stage-1 error" in text and "+ MLP" in text
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """A converted-looking folder made by saving a tiny model with hf_linattn (remote code included)."""
+    from transformers import AutoTokenizer
+
+    from hf_linattn.assets import TEACHER_DIR
+    from tests.modeling.tiny import tiny_model
+
+    folder = tmp_path / "model"
+    tiny_model(["rdn", "full_attention"]).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TEACHER_DIR).save_pretrained(folder)
+    (folder / "conversion_report.json").write_text(json.dumps(REPORT))
+    (folder / ".conversion").mkdir()
+    (folder / ".conversion" / "stage1.safetensors").write_bytes(b"state")
+    return folder
+
+
+def test_push_uploads_the_checkpoint_without_training_state(exported):
+    (exported / "README.md").write_text("card")
+    api = RecordingApi()
+    url = push_to_hub(exported, "me/tiny", private=True, api=api)
+    assert url.endswith("/commit/abc")
+    (kind0, repo0, kw0), (kind1, _, kw1) = api.calls
+    assert (kind0, repo0, kw0["private"], kw0["exist_ok"]) == ("create_repo", "me/tiny", True, True)
+    assert kind1 == "upload_folder" and kw1["folder_path"] == str(exported)
+    assert ".conversion/*" in kw1["ignore_patterns"]
+
+
+def test_cli_push_rerenders_the_card_for_the_repo(exported, monkeypatch):
+    api = RecordingApi()
+    monkeypatch.setattr("hf_linattn.hub_cards.push.HfApi", lambda token=None: api)
+    assert main(["push", str(exported), "--repo-id", "me/tiny"]) == 0
+    assert '"me/tiny", trust_remote_code=True' in (exported / "README.md").read_text()
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_incomplete_folder_is_not_pushed(exported):
+    with pytest.raises(IncompleteCheckpointError, match=r"README\.md"):
+        check_exportable(exported)  # no card yet
+    (exported / "README.md").write_text("card")
+    code = check_exportable(exported)
+    assert "modeling_linattn.py" in code and "configuration_linattn.py" in code
+    (exported / "modeling_linattn.py").unlink()
+    with pytest.raises(IncompleteCheckpointError, match=r"modeling_linattn\.py"):
+        push_to_hub(exported, "me/tiny", api=RecordingApi())
