@@ -24,12 +24,14 @@ def recurrent_residual_attention(
     scale: float,
     initial_state: tuple[torch.Tensor | None, torch.Tensor | None],
     output_final_state: bool,
+    step_states: list | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Reference recurrence. Arguments are already validated by ``residual_attention``.
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta, gamma: [B, T, H];
     initial_state: (S0, R0), each [B, H, K, V] or None.
     Returns o [B, T, H, V] in q's dtype and, if asked, (S, R) in the state dtype.
+    step_states: if a list, (S, R) after every token is appended to it (cache rollback logs).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -53,6 +55,8 @@ def recurrent_residual_attention(
         S = S_tilde + beta[:, t, :, None, None] * k_t[..., None] * written[..., None, :]
         if not residual:
             o[:, t] = torch.einsum("bhk,bhkv->bhv", q_t, S)
+            if step_states is not None:
+                step_states.append((S, None))
             continue
         c_t = gamma[:, t, :, None]
         R_tilde = alpha * R
@@ -62,5 +66,7 @@ def recurrent_residual_attention(
         R = R_tilde + c_t[..., None] * k_t[..., None] * r[..., None, :]
         base = torch.einsum("bhk,bhkv->bhv", q_t, S_tilde)
         o[:, t] = base + c_t * torch.einsum("bhk,bhkv->bhv", q_t, R)
+        if step_states is not None:
+            step_states.append((S, R))
     final = (S, R) if output_final_state else None
     return o.to(out_dtype), final

@@ -14,6 +14,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .cache_linattn import LinAttnCache
 from .configuration_linattn import LinAttnConfig
 from .ops import residual_attention
+from .recurrent import recurrent_residual_attention
 
 # Up to this many new tokens, a decode step runs the token-by-token recurrence: a 64-token
 # chunk would be mostly padding. Both paths compute the same function.
@@ -205,8 +206,11 @@ class LinAttnLinearAttention(nn.Module):
         self.g_proj = nn.Linear(hidden, self.num_heads * self.value_dim, bias=False) if gate else None
         self.o_norm = LinAttnRMSNorm(self.value_dim, config.rms_norm_eps) if config.linear_output_norm else None
 
-    def _short_conv(self, x: torch.Tensor, cache: LinAttnCache | None) -> torch.Tensor:
-        """Causal depthwise conv of x [B, T, C], continuing from the cached last inputs; returns [B, T, C]."""
+    def _short_conv(self, x: torch.Tensor, cache: LinAttnCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv of x [B, T, C], continuing from the cached last inputs.
+
+        Returns the output [B, T, C] and the conv's input window [B, C, conv_size - 1 + T] (for rollback logs).
+        """
         B, _, C = x.shape
         x = x.transpose(1, 2)
         past = cache.conv_states[self.layer_idx] if cache is not None else None
@@ -215,7 +219,38 @@ class LinAttnLinearAttention(nn.Module):
         x = torch.cat([past.to(x.dtype), x], dim=-1)
         if cache is not None:
             cache.conv_states[self.layer_idx] = x[:, :, x.shape[-1] - (self.conv_size - 1) :]
-        return self.conv1d(x).transpose(1, 2)
+        return self.conv1d(x).transpose(1, 2), x
+
+    def _op(self, q, k, v, g, beta, gamma, state, output_final_state: bool):
+        """The residual_attention op on [B, T, H, *] inputs; the token loop for short blocks on CPU."""
+        backend = "recurrent" if q.shape[1] <= RECURRENT_DECODE_MAX_TOKENS and not q.is_cuda else "auto"
+        return residual_attention(
+            q, k, v, g, beta, gamma,
+            mode=self.mode, clip=self.clip, initial_state=state, output_final_state=output_final_state, backend=backend,
+        )  # fmt: skip
+
+    def _op_with_log(self, q, k, v, g, beta, gamma, state, cache: LinAttnCache, conv_inputs: torch.Tensor):
+        """The op, also logging the state after each of the last ``cache.max_rollback`` positions into ``cache``."""
+        T = q.shape[1]
+        head = max(0, T - cache.max_rollback)
+
+        def part(t, a, b):
+            return None if t is None else t[:, a:b]
+
+        outputs = []
+        if head:
+            o, state = self._op(q[:, :head], k[:, :head], v[:, :head], g[:, :head], beta[:, :head],
+                                part(gamma, 0, head), state, True)  # fmt: skip
+            outputs.append(o)
+        before, states = state, []
+        # the reference recurrence directly (inputs are the layer's own), collecting the state after each token
+        o, state = recurrent_residual_attention(
+            q[:, head:], k[:, head:], v[:, head:], g[:, head:], beta[:, head:], part(gamma, head, T), self.mode,
+            self.clip, q.shape[-1] ** -0.5, state if state is not None else (None, None), True, step_states=states,
+        )  # fmt: skip
+        outputs.append(o)
+        cache.log_linear(self.layer_idx, before, states, conv_inputs)
+        return torch.cat(outputs, dim=1), state
 
     def _heads(self, x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
         """[B, T, heads * dim] -> [B, T, num_heads, dim], sharing kv heads across their query group."""
@@ -237,7 +272,8 @@ class LinAttnLinearAttention(nn.Module):
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         if valid is not None:
             qkv = qkv * valid  # padded tokens enter the conv (and its cached state) as zeros
-        qkv = F.silu(self._short_conv(qkv, cache))
+        conv_out, conv_inputs = self._short_conv(qkv, cache)
+        qkv = F.silu(conv_out)
         q, k, v = qkv.split(
             [self.num_heads * self.key_dim, self.num_kv_heads * self.key_dim, self.num_kv_heads * self.value_dim], -1
         )
@@ -251,25 +287,21 @@ class LinAttnLinearAttention(nn.Module):
             cos, sin = position_embeddings
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        gamma = torch.sigmoid(self.c_proj(x).float()) if self.c_proj is not None else None
+        wide = torch.promote_types(x.dtype, torch.float32)  # gates in fp32 at least (fp64 stays fp64)
+        g = -self.A_log.to(wide).exp() * F.softplus(self.a_proj(x).to(wide) + self.dt_bias)
+        beta = torch.sigmoid(self.b_proj(x).to(wide))
+        gamma = torch.sigmoid(self.c_proj(x).to(wide)) if self.c_proj is not None else None
         if valid is not None:
             # a padded token neither decays (g = 0) nor writes (beta = gamma = 0) the states
-            keep = valid.float()  # [B, T, 1], broadcasts over heads
+            keep = valid.to(wide)  # [B, T, 1], broadcasts over heads
             g, beta = g * keep, beta * keep
             gamma = gamma * keep if gamma is not None else None
 
         state = cache.recurrent_states[self.layer_idx] if cache is not None else None
-        backend = "recurrent" if T <= RECURRENT_DECODE_MAX_TOKENS and not x.is_cuda else "auto"
-        o, final = residual_attention(
-            q, k, v, g, beta, gamma,
-            mode=self.mode,
-            clip=self.clip,
-            initial_state=state,
-            output_final_state=cache is not None,
-            backend=backend,
-        )  # fmt: skip
+        if cache is not None and cache.record_past:
+            o, final = self._op_with_log(q, k, v, g, beta, gamma, state, cache, conv_inputs)
+        else:
+            o, final = self._op(q, k, v, g, beta, gamma, state, cache is not None)
         if cache is not None:
             cache.recurrent_states[self.layer_idx] = final
         if self.o_norm is not None:

@@ -62,8 +62,9 @@ class LinAttnPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LinAttnDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
-    # The cache cannot roll back yet, so transformers must refuse assisted generation (it would be wrong).
-    _is_stateful = True
+    # Not stateful in transformers' sense: LinAttnCache rolls back exactly (crop), so assisted generation,
+    # prompt lookup and lookahead are allowed.
+    _is_stateful = False
 
     def save_pretrained(self, save_directory, **kwargs):
         """As transformers' save_pretrained; auto_map also names the base model, so AutoModel loads it too."""
@@ -205,9 +206,14 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """generate() hook: give every call a fresh LinAttnCache unless the user passed one."""
+        """generate() hook: give every call a fresh LinAttnCache unless the user passed one.
+
+        A draft model's cache records from the start, since its drafted tokens are undone with crop().
+        """
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = LinAttnCache(self.config)
+            if getattr(generation_config, "is_assistant", False):
+                model_kwargs["past_key_values"].activate_past_recording()
 
     def forward(
         self,

@@ -9,3 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["gla", "gdn", "rla", "rdn", "hybrid"])
+def stack(request) -> tuple[str, list[str]]:
+    """(name, layer_types) of every pure mode and a hybrid (tests/modeling/tiny.py)."""
+    from tests.modeling.tiny import STACKS
+
+    return request.param, STACKS[request.param]

@@ -116,19 +116,6 @@ def test_prefill_then_decode_steps_equal_one_forward(name):
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_multi_token_steps_equal_single_steps():
-    model = tiny_model(STACKS["hybrid"])
-    ids = prompt(1, 40, seed=31)
-    with torch.no_grad():
-        cache_a, cache_b = LinAttnCache(model.config), LinAttnCache(model.config)
-        model(ids[:, :20], past_key_values=cache_a, use_cache=True)
-        model(ids[:, :20], past_key_values=cache_b, use_cache=True)
-        block = model(ids[:, 20:25], past_key_values=cache_a, use_cache=True).logits
-        singles = torch.cat([model(ids[:, t : t + 1], past_key_values=cache_b, use_cache=True).logits
-                             for t in range(20, 25)], 1)  # fmt: skip
-    torch.testing.assert_close(block, singles, rtol=1e-5, atol=1e-5)
-
-
 def test_cache_reorder_and_select():
     model = tiny_model(STACKS["hybrid"])
     ids = prompt(3, 9, seed=32)
@@ -174,12 +161,6 @@ def test_training_step_reaches_every_parameter(stack):
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     assert torch.isfinite(loss)
-
-
-def test_assisted_generation_is_refused_until_rollback_exists():
-    model = tiny_model(STACKS["rdn"])
-    with pytest.raises(ValueError, match="stateful"):
-        generate(model, prompt(1, 5, seed=36), prompt_lookup_num_tokens=3)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -1,0 +1,149 @@
+"""Cache rollback: crop(-j) after n logged tokens equals processing only the first n - j of them.
+
+Checked for S, R, conv and keys/values, for every mode and a hybrid with sliding and full
+softmax layers, with the logged tokens fed as one block and as several forwards (as a draft
+model does), and beyond the sliding window.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_linattn import LinAttnCache
+
+from .tiny import STACKS, prompt, tiny_model
+
+
+def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    """Norm-relative error ||got - want|| / ||want|| <= tol (fp32 matmuls of other shapes round differently)."""
+    assert got.shape == want.shape, what
+    err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def assert_same_cache(got: LinAttnCache, want: LinAttnCache, tol: float = 1e-6) -> None:
+    assert got.get_seq_length() == want.get_seq_length()
+    for i in range(len(want)):
+        if want.is_linear(i):
+            for name, a, b in zip("SR", got.recurrent_states[i], want.recurrent_states[i]):
+                assert (a is None) == (b is None)
+                if b is not None:
+                    assert_rel(a, b, tol, f"layer {i} {name}")
+            assert_rel(got.conv_states[i], want.conv_states[i], tol, f"layer {i} conv")
+        else:
+            # keys a sliding layer may keep beyond its window are never attended; compare the window
+            n = want.keys[i].shape[2]
+            assert_rel(got.keys[i][:, :, -n:], want.keys[i], tol, f"layer {i} keys")
+            assert_rel(got.values[i][:, :, -n:], want.values[i], tol, f"layer {i} values")
+
+
+def run(model, ids, cache, splits):
+    """Feed ids [B, T] through the model in consecutive forwards of the given sizes; return the logits."""
+    out, start = [], 0
+    for size in splits:
+        out.append(model(ids[:, start : start + size], past_key_values=cache, use_cache=True).logits)
+        start += size
+    return torch.cat(out, 1)
+
+
+CASES = [  # (splits of the 6 logged tokens, tokens to undo, dtype)
+    ([6], 0, torch.float64), ([6], 2, torch.float64), ([6], 6, torch.float64),
+    ([1] * 6, 1, torch.float64), ([1] * 6, 4, torch.float64), ([2, 4], 3, torch.float64), ([4, 2], 5, torch.float64),
+    ([6], 2, torch.float32), ([1] * 6, 4, torch.float32), ([2, 4], 3, torch.float32),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("splits", "undo", "dtype"), CASES, ids=[f"{s}-undo{u}-{str(d)[6:]}" for s, u, d in CASES])
+def test_crop_restores_the_state_after_the_accepted_tokens(stack, splits, undo, dtype):
+    name, layer_types = stack
+    model = tiny_model(layer_types).to(dtype)
+    # fp64 proves the rollback exact; in fp32, matmuls over 6 vs 3 rows round differently, and in the
+    # 6-layer hybrid that rounding compounds to a few 1e-6 by the last layers
+    tol = 1e-10 if dtype == torch.float64 else (5e-6 if name == "hybrid" else 1e-6)
+    ids = prompt(2, 30, seed=40)
+    with torch.no_grad():
+        cache = LinAttnCache(model.config)
+        model(ids[:, :24], past_key_values=cache, use_cache=True)  # past the sliding window (5)
+        cache.activate_past_recording()
+        run(model, ids[:, 24:], cache, splits)
+        cache.crop(-undo)
+        reference = LinAttnCache(model.config)
+        model(ids[:, :24], past_key_values=reference, use_cache=True)
+        if undo < 6:  # the accepted tokens alone, from the same prefix
+            model(ids[:, 24 : 30 - undo], past_key_values=reference, use_cache=True)
+        assert_same_cache(cache, reference, tol)
+        # and the next step from the rolled-back cache is the next step from the reference
+        nxt = prompt(2, 1, seed=41)
+        got = model(nxt, past_key_values=cache, use_cache=True).logits
+        want = model(nxt, past_key_values=reference, use_cache=True).logits
+    assert_rel(got, want, 10 * tol, "next logits")
+
+
+def test_repeated_rounds_of_draft_and_rollback(stack):
+    """Several verify-and-crop rounds in a row, as assisted decoding does, end where the accepted tokens lead."""
+    _, layer_types = stack
+    model = tiny_model(layer_types).double()
+    ids = prompt(1, 60, seed=42)
+    accepted = ids[:, :10]
+    with torch.no_grad():
+        cache = LinAttnCache(model.config)
+        model(accepted, past_key_values=cache, use_cache=True)
+        cache.activate_past_recording()
+        gen = torch.Generator().manual_seed(43)
+        for _ in range(6):
+            block = prompt(1, 5, seed=int(torch.randint(0, 10_000, (1,), generator=gen)))
+            model(block, past_key_values=cache, use_cache=True)
+            keep = int(torch.randint(0, 6, (1,), generator=gen))
+            cache.crop(-(5 - keep))
+            accepted = torch.cat([accepted, block[:, :keep]], 1)
+        reference = LinAttnCache(model.config)
+        model(accepted, past_key_values=reference, use_cache=True)
+    assert_same_cache(cache, reference, 1e-10)
+
+
+def test_crop_to_a_length_and_refusals():
+    model = tiny_model(STACKS["hybrid"]).double()
+    ids = prompt(1, 20, seed=44)
+    with torch.no_grad():
+        cache = LinAttnCache(model.config, max_rollback=4)
+        model(ids[:, :10], past_key_values=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="activate_past_recording"):
+            cache.crop(-1)
+        cache.activate_past_recording()
+        model(ids[:, 10:16], past_key_values=cache, use_cache=True)
+        with pytest.raises(RuntimeError, match="only the last 4"):
+            cache.crop(-5)
+        cache.crop(13)  # keep the first 13 tokens = undo 3
+        reference = LinAttnCache(model.config)
+        model(ids[:, :13], past_key_values=reference, use_cache=True)
+    assert_same_cache(cache, reference, 1e-10)
+    assert cache.recording_nbytes() == 0  # a crop starts a new, empty log
+
+
+def test_recording_memory_is_per_position_states():
+    model = tiny_model(STACKS["rdn"])
+    with torch.no_grad():
+        cache = LinAttnCache(model.config)
+        model(prompt(1, 8, seed=45), past_key_values=cache, use_cache=True)
+        cache.activate_past_recording()
+        model(prompt(1, 4, seed=46), past_key_values=cache, use_cache=True)
+    S, R = cache.recurrent_states[0]
+    state = S.numel() * S.element_size() + R.numel() * R.element_size()
+    conv = cache.conv_states[0]
+    per_layer = (4 + 1) * state + (conv.shape[-1] + 4) * conv.shape[1] * conv.element_size()
+    assert cache.recording_nbytes() == 2 * per_layer
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_multi_token_decode_equals_single_steps(name):
+    model = tiny_model(STACKS[name]).double()
+    ids = prompt(2, 40, seed=47)
+    with torch.no_grad():
+        a, b = LinAttnCache(model.config), LinAttnCache(model.config)
+        model(ids[:, :25], past_key_values=a, use_cache=True)
+        model(ids[:, :25], past_key_values=b, use_cache=True)
+        block = model(ids[:, 25:33], past_key_values=a, use_cache=True).logits
+        singles = run(model, ids[:, 25:33], b, [1] * 8)
+    assert_rel(block, singles, 1e-10, "logits")
+    assert_same_cache(a, b, 1e-10)
