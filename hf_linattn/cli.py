@@ -123,6 +123,14 @@ def _lm_eval_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_lookahead(args: argparse.Namespace) -> int:
+    from .hub_cards import push_custom_generate
+
+    print(f"pushed             : {push_custom_generate(args.repo_id, private=args.private, token=args.token)}")
+    print(f"use                : model.generate(ids, custom_generate={args.repo_id!r}, trust_remote_code=True)")
+    return 0
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="linearize a Llama / Qwen2 / Qwen3 checkpoint (default: the embedded teacher)")
     p.add_argument("base", nargs="?", default="embedded-teacher", help="local folder or hub id (default: %(default)s)")
@@ -182,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None)
     push.set_defaults(func=_push)
+
+    look = sub.add_parser("push-lookahead", help="push the lookahead custom_generate folder to a Hub repo")
+    look.add_argument("--repo-id", required=True)
+    look.add_argument("--private", action="store_true")
+    look.add_argument("--token", default=None)
+    look.set_defaults(func=_push_lookahead)
 
     task = sub.add_parser("lm-eval-task", help="write a local lm-evaluation-harness task over the held-out text")
     task.add_argument("folder", type=Path)

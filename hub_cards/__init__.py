@@ -6,6 +6,13 @@ trust_remote_code checkpoint before uploading it with ``HfApi.upload_folder``.
 """
 
 from .card import render_model_card, write_model_card
-from .push import IncompleteCheckpointError, check_exportable, push_to_hub
+from .push import IncompleteCheckpointError, check_exportable, push_custom_generate, push_to_hub
 
-__all__ = ["IncompleteCheckpointError", "check_exportable", "push_to_hub", "render_model_card", "write_model_card"]
+__all__ = [
+    "IncompleteCheckpointError",
+    "check_exportable",
+    "push_custom_generate",
+    "push_to_hub",
+    "render_model_card",
+    "write_model_card",
+]

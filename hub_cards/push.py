@@ -58,3 +58,25 @@ def push_to_hub(
         commit_message=commit_message,
     )  # fmt: skip
     return str(getattr(info, "commit_url", info))
+
+
+def push_custom_generate(
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload the lookahead-decoding ``custom_generate/generate.py`` to ``repo_id``.
+
+    Users then call ``model.generate(ids, custom_generate=repo_id, trust_remote_code=True)`` with any
+    causal LM, hf_linattn not installed. Returns the commit URL.
+    """
+    from ..generation import CUSTOM_GENERATE_DIR
+
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        folder_path=str(CUSTOM_GENERATE_DIR / "custom_generate"), path_in_repo="custom_generate", repo_id=repo_id,
+        repo_type="model", allow_patterns=["generate.py"], commit_message="Upload lookahead decoding (hf_linattn)",
+    )  # fmt: skip
+    return str(getattr(info, "commit_url", info))

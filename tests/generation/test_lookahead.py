@@ -75,3 +75,31 @@ def test_sampling_is_refused():
     model = tiny_model(STACKS["gla"], seed=3)
     with pytest.raises(ValueError, match="greedy"):
         generate(model, prompt(1, 6, seed=65), do_sample=True, custom_generate=lookahead_decoding)
+
+
+def test_custom_generate_folder_runs_without_the_package(tmp_path):
+    """A plain Llama, in a process where hf_linattn cannot be imported, decodes through the shipped folder."""
+    import subprocess
+    import sys
+    import textwrap
+
+    tiny_llama(seed=4).save_pretrained(tmp_path / "llama")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["hf_linattn"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "llama")!r}).eval()
+        pattern = torch.tensor([[5, 9, 14, 3, 22]])
+        ids = torch.cat([pattern, pattern, pattern], 1)
+        kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+        plain = model.generate(ids, **kw)
+        fast = model.generate(ids, custom_generate={str(CUSTOM_GENERATE_DIR)!r}, trust_remote_code=True, **kw)
+        assert torch.equal(plain, fast), (plain, fast)
+        print("identical")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "identical" in result.stdout

@@ -91,3 +91,17 @@ def test_incomplete_folder_is_not_pushed(exported):
     (exported / "modeling_linattn.py").unlink()
     with pytest.raises(IncompleteCheckpointError, match=r"modeling_linattn\.py"):
         push_to_hub(exported, "me/tiny", api=RecordingApi())
+
+
+def test_push_lookahead_uploads_the_custom_generate_file(monkeypatch, capsys):
+    api = RecordingApi()
+    monkeypatch.setattr("hf_linattn.hub_cards.push.HfApi", lambda token=None: api)
+    assert main(["push-lookahead", "--repo-id", "me/lookahead"]) == 0
+    (_, _, _), (kind, repo, kw) = api.calls
+    assert (kind, repo, kw["path_in_repo"], kw["allow_patterns"]) == ("upload_folder", "me/lookahead",
+                                                                      "custom_generate", ["generate.py"])  # fmt: skip
+    from pathlib import Path
+
+    source = Path(kw["folder_path"]) / "generate.py"
+    assert "def generate(" in source.read_text() and "import hf_linattn" not in source.read_text()
+    assert "custom_generate='me/lookahead'" in capsys.readouterr().out
