@@ -63,15 +63,18 @@ def test_greedy_speculative_equals_plain_greedy(stack, draft_kind):
         "linattn-other": lambda: as_draft(tiny_model(STACKS["gdn"], seed=3)),
         "llama": lambda: as_draft(tiny_llama(seed=4)),
     }[draft_kind]()
-    for seed in (50, 51):
+    rounds = []
+    for seed in (50, 51, 52):
         ids = prompt(1, 12 + seed % 7, seed=seed)
         with track_acceptance(target) as stats:
             fast = generate(target, ids, assistant_model=draft)
         assert torch.equal(fast, generate(target, ids)), (draft_kind, seed)
         assert stats.rounds > 0 and all(0 <= a <= d for a, d in zip(stats.accepted, stats.drafted))
         assert max(stats.drafted) == 4
+        rounds += list(zip(stats.accepted, stats.drafted))
     if draft_kind == "linattn-close":
-        assert 0.3 < stats.acceptance_rate < 1  # partial blocks were accepted: both caches rolled back mid-block
+        assert sum(a for a, _ in rounds) > 0.3 * sum(d for _, d in rounds)
+        assert any(0 < a < d for a, d in rounds)  # partial blocks: both caches rolled back mid-block
 
 
 def test_linattn_draft_for_a_plain_llama_target():
