@@ -132,11 +132,13 @@ def _open_work_dir(output: Path, recipe: ConversionRecipe, restart: bool, main: 
 
 
 def _new_piece_names(model: LinAttnForCausalLM) -> list[str]:
+    """Names of the linear layers' parameters that the base model does not provide (conv, gates, norms)."""
+    linear = {str(i) for i in linear_layer_indices(model)}
     return [
         name
         for name, _ in model.named_parameters()
         if ".self_attn." in name
-        and name.split(".")[2] in map(str, linear_layer_indices(model))
+        and name.split(".")[2] in linear
         and name.split(".self_attn.")[1].split(".")[0] not in TRANSFERRED
     ]
 
