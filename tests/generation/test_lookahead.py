@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from hf_linattn.generation import CUSTOM_GENERATE_DIR, LookaheadStats, lookahead_decoding, lookahead_generate
-from tests.modeling.tiny import STACKS, VOCAB, prompt, tiny_model
+from tests.modeling.tiny import STACKS, VOCAB, prompt, spread_projections, tiny_model
 
 from .test_speculative import generate, tiny_llama
 
@@ -16,12 +16,7 @@ def tiny_qwen2(seed: int) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.weight") or name.endswith("embed_tokens.weight"):
-                p.normal_(0, 0.3)
-    return model
+    return spread_projections(Qwen2ForCausalLM(config).eval())
 
 
 MODELS = {

@@ -12,7 +12,7 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_linattn.generation import track_acceptance
-from tests.modeling.tiny import HYBRID, STACKS, VOCAB, prompt, tiny_model
+from tests.modeling.tiny import HYBRID, STACKS, VOCAB, prompt, spread_projections, tiny_model
 
 GREEDY = dict(do_sample=False, max_new_tokens=24, pad_token_id=0, eos_token_id=None)
 
@@ -22,12 +22,7 @@ def tiny_llama(seed: int, vocab: int = VOCAB, layers: int = 2) -> LlamaForCausal
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                          eos_token_id=2)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("_proj.weight") or name.endswith("embed_tokens.weight"):
-                p.normal_(0, 0.3)
-    return model
+    return spread_projections(LlamaForCausalLM(config).eval())
 
 
 def generate(model, ids, **kwargs):

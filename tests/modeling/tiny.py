@@ -51,3 +51,13 @@ def tiny_model(layer_types: list[str], seed: int = 0, **overrides) -> LinAttnFor
 def prompt(batch: int, length: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def spread_projections(model):
+    """Re-draw projection and embedding weights at std 0.3 (for plain transformers models in the tests),
+    so that logits differ clearly between tokens. Returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight") or name.endswith("embed_tokens.weight"):
+                p.normal_(0, 0.3)
+    return model
