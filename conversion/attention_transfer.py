@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..modeling import LinAttnForCausalLM
-from ..modeling.layers_linattn import LinAttnLinearAttention
+from hf_linattn.modeling import LinAttnForCausalLM
+from hf_linattn.modeling.layers_linattn import LinAttnLinearAttention
 from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps

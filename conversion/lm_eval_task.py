@@ -41,7 +41,7 @@ def write_lm_eval_task(
 
     texts: documents (default: the embedded held-out files), each cut to ``max_chars`` characters at a line end.
     """
-    from ..assets import heldout_texts
+    from hf_linattn.assets import heldout_texts
 
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)

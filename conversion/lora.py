@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from ..modeling import LinAttnForCausalLM
+from hf_linattn.modeling import LinAttnForCausalLM
 from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps

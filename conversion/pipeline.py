@@ -26,7 +26,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling import LINEAR_LAYER_TYPES, LinAttnForCausalLM
+from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnForCausalLM
 from .attention_transfer import TRANSFERRED, attention_transfer, layer_errors
 from .checkpoint import StageCheckpoint, atomic_save
 from .data import batch_for_step, read_text_sources, token_stream
@@ -88,7 +88,7 @@ class ConversionRecipe:
 
 
 def _embedded(base: str) -> Path | None:
-    from ..assets import TEACHER_DIR
+    from hf_linattn.assets import TEACHER_DIR
 
     return TEACHER_DIR if base == "embedded-teacher" else None
 
@@ -102,7 +102,7 @@ def train_and_eval_tokens(
     recipe: ConversionRecipe, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training stream (``--data``, else the stdlib corpus) and held-out stream (``--eval-data``, else heldout.txt)."""
-    from ..assets import heldout_texts, training_texts
+    from hf_linattn.assets import heldout_texts, training_texts
 
     train_texts = [t for _, t in read_text_sources(recipe.data)] if recipe.data else training_texts()
     eval_texts = [t for _, t in read_text_sources(recipe.eval_data)] if recipe.eval_data else heldout_texts()
@@ -261,7 +261,7 @@ def convert(
             seconds=round(time.time() - started, 1),
         )
         (output / REPORT_NAME).write_text(json.dumps(report, indent=2))
-        from ..hub_cards import write_model_card
+        from hf_linattn.hub_cards import write_model_card
 
         write_model_card(output, report)
     accelerator.wait_for_everyone()

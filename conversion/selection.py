@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from ..modeling import LINEAR_LAYER_TYPES
+from hf_linattn.modeling import LINEAR_LAYER_TYPES
 
 
 def select_softmax_layers(stage1_errors: dict[int, float], keep: int) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from ..modeling import LINEAR_LAYER_TYPES, LinAttnConfig, LinAttnForCausalLM
+from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnConfig, LinAttnForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 

@@ -1,23 +1,44 @@
 """hf_linattn: residual linear attention (gla / gdn / rla / rdn) for the Hugging Face ecosystem.
 
-Importing it registers the models with transformers' Auto classes and marks them for
-``register_for_auto_class``, so ``save_pretrained`` writes ``auto_map`` and self-contained
-remote code that loads with ``trust_remote_code=True`` where hf_linattn is not installed.
+The public names load lazily (PEP 562), so ``import hf_linattn`` and the CLI's ``--help`` do not
+pay for torch and transformers. The first use of a model class (or ``import hf_linattn.modeling``)
+registers the models with transformers' Auto classes and marks them for
+``register_for_auto_class``, so ``save_pretrained`` writes ``auto_map`` and self-contained remote
+code that loads with ``trust_remote_code=True`` where hf_linattn is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from __future__ import annotations
 
-from .kernels import residual_attention
-from .modeling import LinAttnCache, LinAttnConfig, LinAttnForCausalLM, LinAttnModel
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-AutoConfig.register(LinAttnConfig.model_type, LinAttnConfig, exist_ok=True)
-AutoModel.register(LinAttnConfig, LinAttnModel, exist_ok=True)
-AutoModelForCausalLM.register(LinAttnConfig, LinAttnForCausalLM, exist_ok=True)
-LinAttnConfig.register_for_auto_class()
-LinAttnModel.register_for_auto_class("AutoModel")
-LinAttnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+# public name -> the subpackage that defines it
+_LAZY = {
+    "LinAttnCache": "hf_linattn.modeling",
+    "LinAttnConfig": "hf_linattn.modeling",
+    "LinAttnForCausalLM": "hf_linattn.modeling",
+    "LinAttnModel": "hf_linattn.modeling",
+    "residual_attention": "hf_linattn.kernels",
+}
+
+if TYPE_CHECKING:
+    from hf_linattn.kernels import residual_attention
+    from hf_linattn.modeling import LinAttnCache, LinAttnConfig, LinAttnForCausalLM, LinAttnModel
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_linattn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "LinAttnCache",

@@ -71,7 +71,7 @@ def push_custom_generate(
     Users then call ``model.generate(ids, custom_generate=repo_id, trust_remote_code=True)`` with any
     causal LM, hf_linattn not installed. Returns the commit URL.
     """
-    from ..generation import CUSTOM_GENERATE_DIR
+    from hf_linattn.generation import CUSTOM_GENERATE_DIR
 
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

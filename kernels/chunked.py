@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .modes import is_delta, is_residual, state_dtype
+from .common import state_dtype
+from .modes import is_delta, is_residual
 
 # 64 as in flash-linear-attention and the Triton kernels (C = 32 measured ~15% faster for the delta
 # modes on a 2-core CPU; see docs/benchmarks.md). chunk_size is a parameter for such tuning.

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .modes import is_delta, is_residual, state_dtype
+from .common import state_dtype
+from .modes import is_delta, is_residual
 
 
 def recurrent_residual_attention(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedConfig
 
-LINEAR_LAYER_TYPES = ("gla", "gdn", "rla", "rdn")
+from hf_linattn.kernels.modes import MODES
+
+from .export import write_remote_code
+
+LINEAR_LAYER_TYPES = MODES
 SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = LINEAR_LAYER_TYPES + SOFTMAX_LAYER_TYPES
 
@@ -148,6 +154,12 @@ class LinAttnConfig(PreTrainedConfig):
             raise ValueError(
                 f"rope_parameters must be a dict with 'rope_type' and 'rope_theta'; got {self.rope_parameters!r}"
             )
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """As transformers' save_pretrained; the remote code is assembled as one flat folder (export.py)."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self._auto_class is not None:
+            write_remote_code(save_directory, [Path(__file__)])
 
     def validate(self) -> None:
         """transformers' validators, with our layer-type check in place of its own (whose list lacks the modes)."""

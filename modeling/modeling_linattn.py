@@ -7,6 +7,8 @@ same-folder relative imports, so nothing here imports hf_linattn by name.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache_linattn import LinAttnCache
 from .configuration_linattn import LINEAR_LAYER_TYPES, LinAttnConfig
+from .export import write_remote_code
 from .layers_linattn import (
     LinAttnLinearAttention,
     LinAttnMLP,
@@ -71,7 +74,9 @@ class LinAttnPreTrainedModel(PreTrainedModel):
         if self._auto_class is not None:
             auto_map = getattr(self.config, "auto_map", None) or {}
             self.config.auto_map = {**auto_map, "AutoModel": "modeling_linattn.LinAttnModel"}
-        return super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, **kwargs)
+        if self._auto_class is not None:
+            write_remote_code(save_directory, [Path(sys.modules[type(self).__module__].__file__)])
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

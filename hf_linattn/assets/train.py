@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ..conversion.evaluate import perplexity, unigram_perplexity
+from hf_linattn.conversion.evaluate import perplexity, unigram_perplexity
 from .corpus import DOCUMENT_SEPARATOR, corpus_sha256, heldout_documents, stdlib_root, training_documents
 
 PAD = "<pad>"

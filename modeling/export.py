@@ -1,0 +1,78 @@
+"""Assemble a checkpoint's remote code: one flat folder of files that imports nothing of hf_linattn.
+
+transformers loads remote code from the checkpoint folder and follows only same-folder relative
+imports (``from .x import y``). In the package, the modeling files import the op files across
+folders by their full names (``from hf_linattn.kernels.ops import residual_attention``). This
+module walks those imports from the entry files, copies every file reached into the checkpoint
+folder, and rewrites ``from hf_linattn.<part>.<module> import`` into ``from .<module> import``.
+It also runs inside a checkpoint's own remote code (re-saving a model loaded with
+``trust_remote_code=True``), where every import is already relative.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+PACKAGE = "hf_linattn"
+_PACKAGE_IMPORT = re.compile(rf"^(\s*)from\s+{PACKAGE}\.\w+\.(\w+)\s+import\b", flags=re.MULTILINE)
+
+
+def _imported_files(source_file: Path) -> list[Path]:
+    """Files that ``source_file`` imports from the same folder (``from .x``) or from the package (``hf_linattn.p.x``)."""
+    tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or node.module is None:
+            continue
+        if node.level == 1:
+            found.append(source_file.parent / f"{node.module}.py")
+        elif node.level == 0 and node.module.startswith(f"{PACKAGE}.") and node.module.count(".") == 2:
+            spec = importlib.util.find_spec(node.module)
+            if spec is None or spec.origin is None:
+                raise ImportError(f"{source_file.name} imports {node.module}, which cannot be found")
+            found.append(Path(spec.origin))
+        elif node.level == 0 and node.module.split(".")[0] == PACKAGE:
+            raise ValueError(f"{source_file.name}: remote code may import only hf_linattn.<part>.<module>; "
+                             f"got {node.module}")  # fmt: skip
+    return found
+
+
+def remote_code_files(entry_files: list[Path]) -> dict[str, Path]:
+    """Every file the entry files need, by the name it takes in the flat folder."""
+    files: dict[str, Path] = {}
+    pending = [Path(f).resolve() for f in entry_files]
+    while pending:
+        path = pending.pop()
+        if path.name in files:
+            if files[path.name] != path:
+                raise ValueError(f"two remote-code files share the name {path.name}: {files[path.name]} and {path}")
+            continue
+        files[path.name] = path
+        pending.extend(p.resolve() for p in _imported_files(path))
+    return files
+
+
+def flatten_imports(source: str) -> str:
+    """``from hf_linattn.<part>.<module> import`` -> ``from .<module> import``."""
+    return _PACKAGE_IMPORT.sub(r"\1from .\2 import", source)
+
+
+def write_remote_code(folder: str | Path, entry_files: list[Path]) -> list[str]:
+    """Write the entry files and everything they import into ``folder`` as real files; return their names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, source in sorted(remote_code_files(entry_files).items()):
+        target = folder / name
+        text = flatten_imports(source.read_text(encoding="utf-8"))
+        if target.is_symlink():
+            target.unlink()
+        target.write_text(text, encoding="utf-8")
+        names.append(name)
+    return names
+
+
+__all__ = ["flatten_imports", "remote_code_files", "write_remote_code"]
