@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from hf_linattn.modeling import LinAttnForCausalLM
 from hf_linattn.modeling.layers_linattn import LinAttnLinearAttention
+
 from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps

@@ -105,6 +105,7 @@ def evaluate_checkpoint(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_linattn.assets import heldout_texts
+
     from .data import read_text_sources, token_stream
     from .loading import check_checkpoint_dir, check_same_tokenizer, check_tokenizer
 

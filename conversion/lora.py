@@ -17,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from hf_linattn.modeling import LinAttnForCausalLM
+
 from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnForCausalLM
+
 from .attention_transfer import TRANSFERRED, attention_transfer, layer_errors
 from .checkpoint import StageCheckpoint, atomic_save
 from .data import batch_for_step, read_text_sources, token_stream

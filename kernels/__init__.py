@@ -43,4 +43,13 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "BACKENDS",
+    "CHUNK_SIZE",
+    "MODES",
+    "chunked_residual_attention",
+    "is_delta",
+    "is_residual",
+    "recurrent_residual_attention",
+    "residual_attention",
+]

@@ -21,7 +21,7 @@ _PACKAGE_IMPORT = re.compile(rf"^(\s*)from\s+{PACKAGE}\.\w+\.(\w+)\s+import\b", 
 
 
 def _imported_files(source_file: Path) -> list[Path]:
-    """Files that ``source_file`` imports from the same folder (``from .x``) or from the package (``hf_linattn.p.x``)."""
+    """Files ``source_file`` imports from its own folder (``from .x``) or from the package (``hf_linattn.p.x``)."""
     tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
     found = []
     for node in ast.walk(tree):

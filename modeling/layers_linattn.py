@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .cache_linattn import LinAttnCache
-from .configuration_linattn import LinAttnConfig
 from hf_linattn.kernels.ops import residual_attention
 from hf_linattn.kernels.recurrent import recurrent_residual_attention
+
+from .cache_linattn import LinAttnCache
+from .configuration_linattn import LinAttnConfig
 
 # Up to this many new tokens, a decode step runs the token-by-token recurrence: a 64-token
 # chunk would be mostly padding. Both paths compute the same function.

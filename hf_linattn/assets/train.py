@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_linattn.conversion.evaluate import perplexity, unigram_perplexity
+
 from .corpus import DOCUMENT_SEPARATOR, corpus_sha256, heldout_documents, stdlib_root, training_documents
 
 PAD = "<pad>"
