@@ -85,13 +85,15 @@ def time_interleaved(
     warmup: int = 1,
     bar: tqdm | None = None,
     prime: bool = True,
+    cpu_times: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every callable, timed round-robin: ``warmup`` untimed rounds, then ``repeats`` timed.
 
     Every round calls the callables in a new (seeded) random order, so none is always the one that
     follows a heavy neighbour. With ``prime``, each timed call directly follows one untimed call of
     the same callable, so every sample starts warm (threads awake, caches filled).
-    Runs under ``torch.inference_mode``.
+    Runs under ``torch.inference_mode``. With ``cpu_times`` (a dict), the thread CPU time of every timed call
+    goes there too (steadier than wall time on a shared machine when torch runs one thread).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
@@ -103,11 +105,13 @@ def time_interleaved(
                 fn = fns[name]
                 if prime:
                     fn()
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.thread_time()
                 fn()
-                elapsed = time.perf_counter() - start
+                elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
                 if round_idx >= warmup:
                     times[name].append(elapsed)
+                    if cpu_times is not None:
+                        cpu_times.setdefault(name, []).append(cpu)
                 if bar is not None:
                     bar.update(1)
     return times

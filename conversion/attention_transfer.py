@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from hf_linattn.modeling import LinAttnForCausalLM
-from hf_linattn.modeling.layers_linattn import LinAttnLinearAttention
+from hf_linattn.modeling.linear_attention_linattn import LinAttnLinearAttention
 
 from .checkpoint import StageCheckpoint
 from .data import shard
@@ -66,7 +66,7 @@ def layer_errors(
     with torch.no_grad():
         for i, layer in linear.items():
             hidden, target = captured[i]
-            out = layer(hidden, position_embeddings, None, None, 0)
+            out, _ = layer(hidden, position_embeddings, None)
             errors[i] = (F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()).item()
     return errors
 
@@ -89,7 +89,7 @@ class AttentionTransferObjective(nn.Module):
         loss = 0.0
         for key, layer in self.layers.items():
             hidden, target = captured[int(key)]
-            out = layer(hidden, position_embeddings, None, None, 0)
+            out, _ = layer(hidden, position_embeddings, None)
             loss = loss + F.mse_loss(out.float(), target.float()) / target.float().pow(2).mean()
         return loss
 

@@ -145,7 +145,7 @@ def _new_piece_names(model: LinAttnForCausalLM) -> list[str]:
 
 
 def linear_layer_indices(model: LinAttnForCausalLM) -> list[int]:
-    return [i for i, t in enumerate(model.config.layer_types) if t in LINEAR_LAYER_TYPES]
+    return [i for i, t in enumerate(model.config.mixer_types) if t in LINEAR_LAYER_TYPES]
 
 
 def _config_overrides(recipe: ConversionRecipe) -> dict:

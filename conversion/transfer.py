@@ -73,7 +73,7 @@ def linear_config_from_base(
         mlp_bias=bool(getattr(base_config, "mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=bool(base_config.tie_word_embeddings),
-        layer_types=list(layer_types),
+        mixer_types=list(layer_types),
         sliding_window=getattr(base_config, "sliding_window", None),
         linear_num_heads=base_config.num_attention_heads,
         linear_num_key_value_heads=base_config.num_key_value_heads,

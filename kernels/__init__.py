@@ -20,7 +20,9 @@ _LAZY = {
     "is_delta": "modes",
     "is_residual": "modes",
     "BACKENDS": "ops",
+    "dispatch_residual_attention": "ops",
     "residual_attention": "ops",
+    "resolve_backend": "ops",
     "recurrent_residual_attention": "recurrent",
 }
 
@@ -48,8 +50,10 @@ __all__ = [
     "CHUNK_SIZE",
     "MODES",
     "chunked_residual_attention",
+    "dispatch_residual_attention",
     "is_delta",
     "is_residual",
     "recurrent_residual_attention",
     "residual_attention",
+    "resolve_backend",
 ]

@@ -19,8 +19,9 @@ inverses, U, W) is computed for all chunks in one batched call, and so are e and
 once every chunk's entering state is known (they are kept: N x K x V per head, about the size
 of q, k, v at C = 32, half that at C = 64). The Python loop over chunks only advances the state: two small matmuls
 per chunk for the delta rule; for gla, whose writes do not depend on the state, one multiply-add.
-Every exponent is <= 0, so nothing overflows. Differentiable by autograd. This file imports
-nothing from hf_linattn (it is also checkpoint remote code).
+Every exponent is <= 0, so nothing overflows. g = -inf (alpha = 0) is an exact state reset:
+decays that span it are exactly 0 (see the decay block). Differentiable by autograd. This file
+imports nothing from hf_linattn (it is also checkpoint remote code).
 """
 
 from __future__ import annotations
@@ -151,17 +152,26 @@ def chunked_residual_attention(
     k_c, v_c = _to_chunks(k, N, C, dt), _to_chunks(v, N, C, dt)
     g_c, beta_c = _to_chunks(g, N, C, dt), _to_chunks(beta, N, C, dt)
 
-    # decays; every exponent is <= 0
-    b = g_c.cumsum(-1)  # [N, BH, C]
+    # Decays. g = -inf (alpha = 0) is an exact reset: it adds 0 to the cumulative sum b and 1 to
+    # the reset count n instead (cumsum over -inf would give -inf - -inf = NaN), and every decay
+    # that spans a reset (n differs at its ends) is masked to exactly 0. On finite g this is the
+    # plain cumulative sum, bit for bit. Masks go on the exponent (-inf), never after exp: a
+    # zero gradient through exp(+large) would be 0 * inf = NaN. Every exponent is <= 0.
+    reset = torch.isneginf(g_c)
+    b = g_c.masked_fill(reset, 0).cumsum(-1)  # [N, BH, C]
+    n = reset.cumsum(-1)  # resets in the chunk up to and including t
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    growth = b.exp()[..., None]
+    no_reset = causal & (n[..., :, None] == n[..., None, :])  # s <= t, no reset in (s, t]
+    decay = (b[..., :, None] - b[..., None, :]).masked_fill(~no_reset, float("-inf")).exp()
+    before_reset = n > 0  # the chunk's entering state is gone by t
+    after_reset = n[..., -1:] > n  # what t writes is gone by the chunk's end
+    growth = b.masked_fill(before_reset, float("-inf")).exp()[..., None]  # exp(b_t)
     chunks = {
-        "chunk_decay": b[..., -1].exp()[..., None, None],  # [N, BH, 1, 1]
+        "chunk_decay": growth[..., -1:, :],  # exp(b_C), [N, BH, 1, 1]
         "q_gamma": q_c * growth,  # Gamma Q
         "k_gamma": k_c * growth,  # Gamma K
         "k": k_c,
-        "to_end": (b[..., -1:] - b).exp(),  # exp(b_C - b_t)
+        "to_end": (b[..., -1:] - b).masked_fill(after_reset, float("-inf")).exp(),  # exp(b_C - b_t)
     }
     qk = (q_c @ k_c.transpose(-1, -2)) * decay  # inclusive: reads S_t
     if delta or residual:

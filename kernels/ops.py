@@ -1,22 +1,120 @@
 """``residual_attention``: the one functional entry point of the op family (the spec's contract).
 
-It validates arguments once, resolves defaults (scale, states) and dispatches to a backend:
-"recurrent" (token-by-token reference), "torch" (chunked, the CPU default) or "triton"
-(GPU kernels). Every backend takes the same arguments in the same order.
+``residual_attention`` validates its arguments (shapes, then the values of the gates in one host
+sync), resolves defaults (scale, states) and calls ``dispatch_residual_attention``, which only
+picks a backend and calls it: "recurrent" (token-by-token reference), "torch" (chunked, the CPU
+default) or "triton" (GPU kernels). Model layers call ``dispatch_residual_attention`` directly
+in the decode hot path, where the inputs are valid by construction and a check would cost a sync.
 This file imports nothing from hf_linattn by name (it is also checkpoint remote code).
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 import torch
 
 from .chunked import chunked_residual_attention
-from .modes import MODES, is_residual
+from .common import state_dtype
+from .modes import MODES, is_delta, is_residual
 from .recurrent import recurrent_residual_attention
 
 BACKENDS = ("auto", "recurrent", "torch", "triton")
+# A string, not an import statement: transformers' remote-code import checker must not see it
+# (in a checkpoint's remote code hf_linattn is not installed; the import then just fails).
+_TRITON_KERNELS = "hf_linattn.kernels.triton"
+# beta * ||k||^2 <= 2 keeps the delta rule's (I - beta k k^T) a contraction; the slack lets
+# L2-normalized keys (||k||^2 = 1 up to rounding, even in bf16) with beta <= 1 always pass.
+DELTA_BOUND = 2 * (1 + 1e-3)
+# The one import attempt per process: {"module": kernels module or None, "reason": why None}.
+# A plain dict, not functools.cache, so that torch.compile traces a lookup after the first call.
+_triton_cache: dict = {}
+
+
+def _load_triton() -> ModuleType | None:
+    """The Triton kernels module, or None when it cannot be used here; tried once, then cached."""
+    if "module" not in _triton_cache:
+        _triton_cache["module"], _triton_cache["reason"] = _import_triton()
+    return _triton_cache["module"]
+
+
+def _import_triton() -> tuple[ModuleType | None, str]:
+    """(kernels module, "") or (None, why not).
+
+    Any exception while importing the ``triton`` package itself (a broken install) means
+    "unavailable", so that backend="auto" falls back to torch instead of failing.
+    """
+    try:
+        importlib.import_module("triton")
+    except Exception as err:  # not only ImportError: a broken triton or driver install can raise anything
+        return None, f"the triton package does not import ({type(err).__name__}: {err})"
+    try:
+        return importlib.import_module(_TRITON_KERNELS), ""
+    except ImportError as err:  # checkpoint remote code without hf_linattn installed
+        return None, f"{_TRITON_KERNELS} does not import ({err}); it ships with the hf_linattn package"
+
+
+def resolve_backend(backend: str, *, mode: str, device: torch.device) -> str:
+    """The concrete backend ("recurrent" | "torch" | "triton") for ``backend`` on ``device``.
+
+    "auto" is "triton" only on CUDA devices when the Triton kernels import and cover ``mode``,
+    else "torch". An explicit "triton" that cannot run ``mode`` raises NotImplementedError.
+    Cheap after the first call (the import attempt is cached): safe in the decode hot path.
+    """
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        module = _load_triton()
+        return "triton" if module is not None and mode in getattr(module, "SUPPORTED_MODES", ()) else "torch"
+    if backend == "triton":
+        module = _load_triton()
+        if module is None:
+            reason = _triton_cache["reason"]
+            raise NotImplementedError(f"backend='triton' is unavailable: {reason}; use backend='torch' or 'auto'")
+        supported = tuple(getattr(module, "SUPPORTED_MODES", ()))
+        if mode not in supported:
+            raise NotImplementedError(
+                f"backend='triton' has no kernels for mode {mode!r} (supported: {', '.join(supported) or 'none yet'}); "
+                "use backend='torch' or 'auto'"
+            )
+    elif backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return backend
+
+
+def dispatch_residual_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor | None,
+    *,
+    mode: str,
+    clip: float,
+    scale: float,
+    initial_state: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+    output_final_state: bool,
+    backend: str,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """``residual_attention`` without checks or defaults: resolve the backend and call it.
+
+    For callers whose inputs are valid by construction (model layers): no validation and no
+    host sync. q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta: [B, T, H]; gamma: [B, T, H], None
+    for gla/gdn; scale: a float; initial_state: (S0, R0), each [B, H, K, V] or None; or None.
+    Returns o [B, T, H, V] and (S, R) or None, as ``residual_attention``.
+    """
+    backend = resolve_backend(backend, mode=mode, device=q.device)
+    if initial_state is None:  # tolerated: layers pass their cache's state, None on the first call
+        initial_state = (None, None)
+    if backend == "triton":
+        fn = _load_triton().triton_residual_attention
+    elif backend == "recurrent":
+        fn = recurrent_residual_attention
+    else:
+        fn = chunked_residual_attention
+    return fn(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, output_final_state)
 
 
 def _check_shapes(q, k, v, g, beta, gamma, mode, initial_state) -> None:
@@ -44,6 +142,37 @@ def _check_shapes(q, k, v, g, beta, gamma, mode, initial_state) -> None:
         raise ValueError(f"R0 must be None for mode {mode!r}: it has no residual state")
 
 
+def _check_values(k, g, beta, gamma, mode) -> None:
+    """Gate ranges (g <= 0, beta and gamma in [0, 1], no NaN) and delta-rule stability, one host sync.
+
+    max/min propagate NaN, and NaN fails every comparison below, so NaN gates are caught too.
+    NaN/inf in q, k, v are not looked for (the caller's business; a full scan costs).
+    """
+    if g.numel() == 0:
+        return
+    dt = state_dtype(k.dtype)
+    gates = {"beta": beta} | ({"gamma": gamma} if is_residual(mode) else {})
+    stats = [g.amax()]
+    for x in gates.values():
+        stats += x.aminmax()
+    if is_delta(mode):
+        k2 = k.to(dt).square().sum(-1)  # ||k_t||^2, [B, T, H]
+        stats += [(x.to(dt) * k2).amax() for x in gates.values()]
+    g_max, *values = torch.stack([s.to(dt) for s in stats]).tolist()  # the one host sync
+    ranges, writes = values[: 2 * len(gates)], values[2 * len(gates) :]
+    if not g_max <= 0:
+        raise ValueError(f"g must be <= 0 (alpha = exp(g) <= 1; -inf is allowed) and not NaN; got max g = {g_max:.6g}")
+    for (name, _), lo, hi in zip(gates.items(), ranges[0::2], ranges[1::2]):
+        if not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{name} must be in [0, 1] and not NaN; got min {lo:.6g}, max {hi:.6g}")
+    for name, worst in zip(gates, writes):
+        if worst > DELTA_BOUND:
+            raise ValueError(
+                f"mode {mode!r}: the delta rule needs {name} * ||k||^2 <= 2 (else its state diverges); got max "
+                f"{name} * ||k||^2 = {worst:.6g}. Keys should be L2-normalized per head (as the model layers do)"
+            )
+
+
 def residual_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,18 +191,23 @@ def residual_attention(
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V]; any float dtype. q and k are used as given.
-        g: [B, T, H] log-decay (<= 0). beta: [B, T, H] base write strength in (0, 1).
-        gamma: [B, T, H] residual write strength in (0, 1); None for gla/gdn.
+        g: [B, T, H] log-decay (<= 0; -inf resets the state). beta: [B, T, H] base write strength in [0, 1].
+        gamma: [B, T, H] residual write strength in [0, 1]; None for gla/gdn.
         mode: "gla" | "gdn" | "rla" | "rdn".
         clip: bound c of the clipped residual r = clamp(e, -c, c) (residual modes).
         scale: multiplies q; defaults to K ** -0.5.
         initial_state: (S0, R0), each [B, H, K, V] or None; R0 is None for gla/gdn.
         output_final_state: also return the final (S, R).
-        backend: "auto" (triton on CUDA tensors, torch otherwise), "recurrent", "torch", "triton".
+        backend: "auto" (triton on CUDA tensors when kernels exist for the mode, torch otherwise),
+            "recurrent", "torch", "triton".
 
     Returns:
         o: [B, T, H, V] in q's dtype, and (S, R) in fp32 (fp64 for fp64 inputs; R is None
         for gla/gdn) if ``output_final_state``, else None.
+
+    Raises ValueError for bad arguments, gates out of range, and, for gdn/rdn, beta * ||k||^2 > 2
+    (or gamma * ||k||^2 > 2), where the delta rule diverges. The value checks cost one host sync
+    and are skipped while torch.compile traces.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -82,29 +216,14 @@ def residual_attention(
     if not clip > 0:
         raise ValueError(f"clip must be > 0; got {clip}")
     _check_shapes(q, k, v, g, beta, gamma, mode, initial_state)
+    if not torch.compiler.is_compiling():
+        _check_values(k, g, beta, gamma, mode)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if not is_residual(mode):
         gamma = None
     state = tuple(initial_state) if initial_state is not None else (None, None)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "triton":
-        fn = _triton_backend()
-    elif backend == "recurrent":
-        fn = recurrent_residual_attention
-    else:
-        fn = chunked_residual_attention
-    return fn(q, k, v, g, beta, gamma, mode, clip, scale, state, output_final_state)
-
-
-def _triton_backend():
-    """The Triton kernels ship with the hf_linattn package only (not in checkpoint remote code)."""
-    try:
-        module = importlib.import_module("hf_linattn.kernels.triton")
-    except ImportError as err:
-        raise NotImplementedError(
-            "backend='triton' needs the hf_linattn package (pip install hf-linattn[gpu]); "
-            "use backend='torch' instead"
-        ) from err
-    return module.triton_residual_attention
+    return dispatch_residual_attention(
+        q, k, v, g, beta, gamma, mode=mode, clip=clip, scale=scale, initial_state=state,
+        output_final_state=output_final_state, backend=backend,
+    )  # fmt: skip

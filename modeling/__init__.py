@@ -8,7 +8,7 @@ relative, so a checkpoint loads with ``trust_remote_code=True`` where hf_linattn
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_linattn import LinAttnCache
+from .cache_linattn import LinAttnCache, LinAttnStaticCache
 from .configuration_linattn import LAYER_TYPES, LINEAR_LAYER_TYPES, SOFTMAX_LAYER_TYPES, LinAttnConfig
 from .modeling_linattn import LinAttnForCausalLM, LinAttnModel, LinAttnPreTrainedModel
 
@@ -28,4 +28,5 @@ __all__ = [
     "LinAttnForCausalLM",
     "LinAttnModel",
     "LinAttnPreTrainedModel",
+    "LinAttnStaticCache",
 ]

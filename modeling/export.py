@@ -75,4 +75,27 @@ def write_remote_code(folder: str | Path, entry_files: list[Path]) -> list[str]:
     return names
 
 
-__all__ = ["flatten_imports", "remote_code_files", "write_remote_code"]
+# save_pretrained keywords that only matter when pushing (transformers pops them itself when it pushes)
+HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr", "revision", "commit_description")
+
+
+def split_hub_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """(save keywords, hub keywords) of a save_pretrained call."""
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    return {k: v for k, v in kwargs.items() if k not in hub}, hub
+
+
+def push_folder(folder: str | Path, *, repo_id: str | None = None, token: str | None = None,
+                private: bool | None = None, commit_message: str | None = None, create_pr: bool = False,
+                revision: str | None = None, commit_description: str | None = None) -> None:
+    """Upload a saved folder (remote code included) the way save_pretrained(push_to_hub=True) would."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = repo_id or Path(folder).resolve().name
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload model",
+                      commit_description=commit_description, create_pr=create_pr, revision=revision)  # fmt: skip
+
+
+__all__ = ["flatten_imports", "push_folder", "remote_code_files", "split_hub_kwargs", "write_remote_code"]

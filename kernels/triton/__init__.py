@@ -1,11 +1,16 @@
 """Triton GPU kernels (chunked forward/backward, fused recurrent decode).
 
 Not written yet: the kernels issue brings them. Until then the backend refuses clearly.
+``SUPPORTED_MODES`` lists the modes with kernels here: backend="auto" picks Triton (on CUDA
+tensors) only for those, and an explicit backend="triton" for another mode is refused in
+``ops.resolve_backend``.
 """
 
 from __future__ import annotations
 
 import torch
+
+SUPPORTED_MODES: tuple[str, ...] = ()  # no kernels written yet
 
 
 def triton_residual_attention(

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig
 
 from hf_linattn import LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
 from .tiny import tiny_config
+
+# transformers' strict config dataclass wraps validator errors (and reports wrongly typed fields) in its own class
+CONFIG_ERRORS = (ValueError, TypeError, StrictDataclassError)
 
 
 def test_defaults_follow_the_backbone():
@@ -22,8 +27,32 @@ def test_defaults_follow_the_backbone():
 def test_round_trip_through_dict():
     config = tiny_config(["gla", "sliding_attention"], linear_value_head_dim=12, linear_use_rotary=True)
     again = LinAttnConfig.from_dict(config.to_dict())
-    assert again.layer_types == config.layer_types
+    assert again.mixer_types == config.mixer_types == ["gla", "sliding_attention"]
+    assert again.layer_types == config.layer_types == ["linear_attention", "sliding_attention"]
     assert again.linear_value_head_dim == 12 and again.linear_use_rotary
+
+
+def test_layer_types_are_in_transformers_vocabulary(tmp_path):
+    """config.json's layer_types pass transformers' own validation (what AutoTokenizer falls back to without
+    trust_remote_code); the modes live in mixer_types."""
+    tiny_config(["rdn", "sliding_attention", "full_attention"]).save_pretrained(tmp_path)
+    generic = PreTrainedConfig.from_pretrained(tmp_path)
+    assert generic.layer_types == ["linear_attention", "sliding_attention", "full_attention"]
+    assert generic.mixer_types == ["rdn", "sliding_attention", "full_attention"]
+
+
+def test_older_checkpoints_with_modes_in_layer_types_still_load():
+    fields = tiny_config(["gdn", "full_attention"]).to_dict()
+    fields.pop("mixer_types")
+    fields["layer_types"] = ["gdn", "full_attention"]  # as hf_linattn 0.1 saved it
+    config = LinAttnConfig.from_dict(fields)
+    assert config.mixer_types == ["gdn", "full_attention"]
+    assert config.layer_types == ["linear_attention", "full_attention"]
+
+
+def test_transformers_validators_see_our_hook():
+    assert "validate_layer_type" in [v.__name__ for v in LinAttnConfig.__class_validators__]
+    assert LinAttnConfig.validate_layer_type is not PreTrainedConfig.validate_layer_type
 
 
 def test_auto_classes_are_registered():
@@ -37,8 +66,15 @@ def test_auto_classes_are_registered():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"layer_types": ["rdn", "mamba"]}, r"layer_types\[1\] = 'mamba' is not a known layer type"),
-        ({"layer_types": ["rdn"], "num_hidden_layers": 3}, "must equal len"),
+        ({"layer_types": ["rdn", "mamba"]}, r"mixer_types\[1\] = 'mamba' is not a known layer type"),
+        ({"layer_types": ["rdn"], "num_hidden_layers": 3}, "must equal the number of layers"),
+        ({"layer_types": []}, "at least one layer"),
+        ({"layer_types": "rdn"}, "layer_types"),  # a string, not a list: never split into letters
+        ({"layer_types": ["linear_attention"]}, "no mixer_types to say which mode"),
+        ({"layer_types": ["sliding_attention"], "mixer_types": ["rdn"]}, "does not match mixer_types"),
+        ({"residual_clip": "1"}, "residual_clip"),
+        ({"rms_norm_eps": -1.0}, "rms_norm_eps must be > 0"),
+        ({"rope_parameters": {"rope_type": "spiral", "rope_theta": 1e4}}, "'spiral' is not known"),
         ({"num_attention_heads": 5}, "hidden_size .* is not divisible by num_attention_heads"),
         ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads"),
         ({"linear_num_heads": 4, "linear_num_key_value_heads": 3}, "must be a multiple of linear_num_key_value_heads"),
@@ -52,5 +88,11 @@ def test_auto_classes_are_registered():
 )
 def test_invalid_values_fail_at_construction(overrides, message):
     layer_types = overrides.pop("layer_types", ["rdn", "full_attention"])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(CONFIG_ERRORS, match=message):
         tiny_config(layer_types, **overrides)
+
+
+def test_integer_values_of_float_fields_are_accepted():
+    config = tiny_config(["rdn"], residual_clip=1, rms_norm_eps=1)
+    assert config.residual_clip == 1 and config.rms_norm_eps == 1
+    assert torch.isfinite(LinAttnForCausalLM(config)(torch.tensor([[3, 4]])).logits).all()

@@ -94,12 +94,15 @@ def test_left_padding_writes_nothing_into_states():
         alone = model(p, use_cache=True).past_key_values
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         padded_cache = model(padded, attention_mask=mask, position_ids=pos, use_cache=True).past_key_values
-    for i in range(len(alone)):
-        if alone.is_linear(i):
-            for a, b in zip(alone.recurrent_states[i], padded_cache.recurrent_states[i]):
-                if a is not None:
-                    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(padded_cache.conv_states[i], alone.conv_states[i], rtol=1e-4, atol=1e-5)
+    checked = 0
+    for i, (a, b) in enumerate(zip(alone.layers, padded_cache.layers)):
+        if alone.is_linear[i]:
+            for x, y in zip(a.state, b.state):
+                if x is not None:
+                    torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.conv, a.conv, rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked == 4
 
 
 @pytest.mark.parametrize("name", list(STACKS))
@@ -124,11 +127,12 @@ def test_cache_reorder_and_select():
         reordered = model(ids[[2, 0, 1]], use_cache=True).past_key_values
     before = cache.nbytes()
     cache.reorder_cache(torch.tensor([2, 0, 1]))
-    for i in range(len(cache)):
-        if cache.is_linear(i):
-            torch.testing.assert_close(cache.recurrent_states[i][0], reordered.recurrent_states[i][0])
+    for i, (layer, want) in enumerate(zip(cache.layers, reordered.layers)):
+        if cache.is_linear[i]:
+            torch.testing.assert_close(layer.state[0], want.state[0])
+            torch.testing.assert_close(layer.conv, want.conv)
         else:
-            torch.testing.assert_close(cache.keys[i], reordered.keys[i])
+            torch.testing.assert_close(layer.keys, want.keys)
     cache.batch_select_indices(torch.tensor([1]))
     assert cache.nbytes() * 3 == before
     cache.batch_repeat_interleave(2)
@@ -139,8 +143,8 @@ def test_sliding_layers_keep_only_the_window():
     model = tiny_model(["sliding_attention", "full_attention"], sliding_window=5)
     with torch.no_grad():
         cache = model(prompt(1, 30, seed=33), use_cache=True).past_key_values
-    assert cache.keys[0].shape[2] == 5
-    assert cache.keys[1].shape[2] == 30
+    assert cache.layers[0].keys.shape[2] == 5 - 1  # transformers' sliding layer: the query itself + window - 1
+    assert cache.layers[1].keys.shape[2] == 30
 
 
 def test_pure_linear_cache_size_does_not_grow():

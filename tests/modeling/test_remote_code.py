@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from hf_linattn.assets import TEACHER_DIR
 
 from .tiny import HYBRID, prompt, tiny_model
 
@@ -27,6 +31,9 @@ LOAD_WITHOUT_PACKAGE = textwrap.dedent(
     from transformers import AutoModel, AutoModelForCausalLM
 
     checkpoint, io_file = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:  # a tokenizer was saved beside the model: it loads without trust_remote_code
+        from transformers import AutoTokenizer
+        assert AutoTokenizer.from_pretrained(checkpoint).vocab_size == int(sys.argv[3])
     assert type(AutoModel.from_pretrained(checkpoint, trust_remote_code=True)).__name__ == "LinAttnModel"
     ids = load_file(io_file)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
@@ -58,19 +65,26 @@ def test_checkpoint_loads_without_the_package(tmp_path):
     assert config["auto_map"]["AutoConfig"] == "configuration_linattn.LinAttnConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_linattn.LinAttnModel"
     code_files = sorted(p.name for p in checkpoint.glob("*.py"))
-    expected = {"modeling_linattn.py", "configuration_linattn.py", "ops.py", "chunked.py", "recurrent.py"}
+    expected = {"modeling_linattn.py", "configuration_linattn.py", "cache_linattn.py", "layers_linattn.py",
+                "linear_attention_linattn.py", "ops.py", "chunked.py", "recurrent.py", "decode.py", "modes.py"}
     assert expected <= set(code_files)
     assert not any(p.is_symlink() for p in checkpoint.iterdir()), "remote code must be real files"
-    assert not any("hf_linattn" in (checkpoint / f).read_text().replace("hf_linattn.kernels.triton", "") and
-                   "import hf_linattn" in (checkpoint / f).read_text() for f in code_files)  # fmt: skip
+    for name in code_files:  # only same-folder relative imports: nothing of hf_linattn
+        tree = ast.parse((checkpoint / name).read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not any(m.split(".")[0] == "hf_linattn" for m in modules), (name, modules)
 
+    tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    tokenizer.save_pretrained(checkpoint)
     ids = prompt(2, 75, seed=40)
     io_file = tmp_path / "io.safetensors"
     save_file({"input_ids": ids}, io_file)
-    result = run_python(LOAD_WITHOUT_PACKAGE, str(checkpoint), str(io_file), cwd=tmp_path,
+    result = run_python(LOAD_WITHOUT_PACKAGE, str(checkpoint), str(io_file), str(tokenizer.vocab_size), cwd=tmp_path,
                         env_extra={"HF_MODULES_CACHE": str(tmp_path / "modules")})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().startswith("transformers_modules")
+    # (without trust_remote_code, transformers asks whether to run the custom code before the tokenizer falls back)
+    assert result.stdout.split()[-1].startswith("transformers_modules")
     remote = load_file(io_file)
     with torch.no_grad():
         logits = model(ids).logits
@@ -88,6 +102,25 @@ def test_missing_weights_file_gets_a_clear_error(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(OSError, match=r"model\.safetensors|no file named"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_the_package_has_no_symlinks_and_one_module_per_file():
+    """Every source file is one module at runtime: no symlinks, and no file imported under two names."""
+    import hf_linattn.conversion
+    import hf_linattn.generation
+    import hf_linattn.hub_cards
+    import hf_linattn.kernels.block
+    import hf_linattn.modeling  # noqa: F401
+
+    def ours(path: Path) -> bool:
+        return not any(part.startswith((".venv", ".git")) for part in path.relative_to(REPO).parts)
+
+    links = [p for p in REPO.rglob("*.py") if p.is_symlink() and ours(p)]
+    assert not links, links
+    files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+    files = [f.resolve() for f in files if f.is_absolute()]  # (some builtin modules name a bare file)
+    package_files = [f for f in files if REPO in f.parents and ours(f)]
+    assert len(package_files) == len(set(package_files)) > 20, sorted(str(f) for f in package_files)
 
 
 @pytest.mark.slow

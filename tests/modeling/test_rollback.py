@@ -24,18 +24,18 @@ def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> 
 
 def assert_same_cache(got: LinAttnCache, want: LinAttnCache, tol: float = 1e-6) -> None:
     assert got.get_seq_length() == want.get_seq_length()
-    for i in range(len(want)):
-        if want.is_linear(i):
-            for name, a, b in zip("SR", got.recurrent_states[i], want.recurrent_states[i]):
-                assert (a is None) == (b is None)
-                if b is not None:
-                    assert_rel(a, b, tol, f"layer {i} {name}")
-            assert_rel(got.conv_states[i], want.conv_states[i], tol, f"layer {i} conv")
+    for i, (a, b) in enumerate(zip(got.layers, want.layers)):
+        if want.is_linear[i]:
+            for name, x, y in zip("SR", a.state, b.state):
+                assert (x is None) == (y is None)
+                if y is not None:
+                    assert_rel(x, y, tol, f"layer {i} {name}")
+            assert_rel(a.conv, b.conv, tol, f"layer {i} conv")
         else:
             # keys a sliding layer may keep beyond its window are never attended; compare the window
-            n = want.keys[i].shape[2]
-            assert_rel(got.keys[i][:, :, -n:], want.keys[i], tol, f"layer {i} keys")
-            assert_rel(got.values[i][:, :, -n:], want.values[i], tol, f"layer {i} values")
+            n = b.keys.shape[2]
+            assert_rel(a.keys[:, :, -n:], b.keys, tol, f"layer {i} keys")
+            assert_rel(a.values[:, :, -n:], b.values, tol, f"layer {i} values")
 
 
 def run(model, ids, cache, splits):
@@ -128,9 +128,9 @@ def test_recording_memory_is_per_position_states():
         model(prompt(1, 8, seed=45), past_key_values=cache, use_cache=True)
         cache.activate_past_recording()
         model(prompt(1, 4, seed=46), past_key_values=cache, use_cache=True)
-    S, R = cache.recurrent_states[0]
+    S, R = cache.layers[0].state
     state = S.numel() * S.element_size() + R.numel() * R.element_size()
-    conv = cache.conv_states[0]
+    conv = cache.layers[0].conv
     per_layer = (4 + 1) * state + (conv.shape[-1] + 4) * conv.shape[1] * conv.element_size()
     assert cache.recording_nbytes() == 2 * per_layer
 

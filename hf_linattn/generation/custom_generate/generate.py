@@ -20,10 +20,20 @@ the output equals plain greedy decoding. Row 0 always commits at least one token
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+
+
+def _forward(model, ids: torch.LongTensor, cache):
+    """model(ids) continuing from ``cache``, under the name the model's forward takes: ``cache`` (transformers
+    >= 5.24) or ``past_key_values`` (older; removed after 5.40). Returns (logits, the cache it returned)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(ids, use_cache=True, **{name: cache})
+    returned = out["cache"] if "cache" in out else out.get("past_key_values")
+    return out.logits, returned
 
 
 @dataclass
@@ -78,14 +88,14 @@ def lookahead_generate(
     guesses: int = 7,
     eos_token_id: int | list[int] | None = None,
     context_ngrams: bool = True,
-    past_key_values=None,
+    cache=None,
     stats: LookaheadStats | None = None,
 ) -> torch.LongTensor:
     """Greedy decoding of up to ``max_new_tokens`` tokens after ``input_ids`` [1, T]; returns [1, T + new].
 
     window (W), ngram (N), guesses (G) as in the paper. With ``context_ngrams``, n-grams of the
     prompt and of the committed text also enter the pool (free guesses for repetitive text such as
-    code). ``past_key_values``: an empty cache to use (default: the one the model's forward creates).
+    code). ``cache``: an empty cache to use (default: the one the model's forward creates).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"lookahead decoding takes one sequence [1, T]; got shape {tuple(input_ids.shape)}")
@@ -100,14 +110,11 @@ def lookahead_generate(
         for i in range(len(tokens) - ngram + 1):
             pool.add(tokens[i], tuple(tokens[i + 1 : i + ngram]))
 
-    cache = past_key_values
     if len(tokens) > 1:
-        out = model(input_ids[:, :-1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        _, cache = _forward(model, input_ids[:, :-1], cache)
     if cache is None:  # a one-token prompt: a forward of nothing is not possible, so start from the first token
-        out = model(input_ids, use_cache=True)
-        cache = out.past_key_values
-        first = int(out.logits[0, -1].argmax())
+        logits, cache = _forward(model, input_ids, None)
+        first = int(logits[0, -1].argmax())
         tokens.append(first)
         if first in eos or max_new_tokens == 1:
             return torch.tensor([tokens], device=device)
@@ -126,7 +133,7 @@ def lookahead_generate(
         batch = torch.tensor([r + [last] * (length - len(r)) for r in rows], device=device)
         if len(rows) > 1:
             cache.batch_repeat_interleave(len(rows))
-        pred = model(batch, past_key_values=cache, use_cache=True).logits.argmax(-1).tolist()
+        pred = _forward(model, batch, cache)[0].argmax(-1).tolist()
 
         # verification: the longest row prefix whose guesses equal the row's own predictions
         best_row, best_accept = 0, 0
@@ -190,16 +197,17 @@ def lookahead_decoding(
 ) -> torch.LongTensor:
     """The decoding loop for ``model.generate(ids, custom_generate=lookahead_decoding, ...)`` (callable form).
 
-    transformers has prepared the cache (``past_key_values``) and ``generation_config.max_length``.
+    transformers has prepared the cache (``cache``; ``past_key_values`` before 5.24) and
+    ``generation_config.max_length``.
     """
     _check_greedy(generation_config, logits_processor)
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("lookahead decoding starts from an empty cache")
     return lookahead_generate(
         model, input_ids, max_new_tokens=max_new_tokens, window=lookahead_window, ngram=lookahead_ngram,
-        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, past_key_values=cache,
+        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, cache=cache,
     )  # fmt: skip
 
 

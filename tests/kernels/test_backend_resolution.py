@@ -1,0 +1,172 @@
+"""Backend resolution ("auto" -> triton only where kernels exist) and the check-free dispatch, on CPU.
+
+CUDA is simulated: torch.device("cuda") objects need no GPU, and the Triton import is either
+monkeypatched (``ops._import_triton`` gives fake kernel modules) or fed fake ``triton`` packages
+on sys.path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hf_linattn.kernels.ops as ops
+from hf_linattn.kernels import MODES, dispatch_residual_attention, residual_attention, resolve_backend
+
+from .test_residual_attention import make_inputs, rel_err
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_triton_cache(monkeypatch):
+    """Every test starts with no cached import attempt and leaves the real cache as it was."""
+    monkeypatch.setattr(ops, "_triton_cache", {})
+
+
+def fake_kernels(*modes: str, calls: list | None = None) -> SimpleNamespace:
+    def triton_residual_attention(*args):
+        calls.append(args[6])  # the mode
+        return "o", None
+
+    return SimpleNamespace(SUPPORTED_MODES=modes, triton_residual_attention=triton_residual_attention)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_missing_gives_torch(monkeypatch, mode):
+    monkeypatch.setattr(ops, "_import_triton", lambda: (None, "simulated: no triton"))
+    assert resolve_backend("auto", mode=mode, device=CUDA) == "torch"
+    assert resolve_backend("auto", mode=mode, device=CPU) == "torch"
+    with pytest.raises(NotImplementedError, match="backend='triton' is unavailable: simulated: no triton"):
+        resolve_backend("triton", mode=mode, device=CUDA)
+
+
+def test_kernels_only_for_supported_modes_and_cuda(monkeypatch):
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels("gdn", "rdn"), ""))
+    assert resolve_backend("auto", mode="gdn", device=CUDA) == "triton"
+    assert resolve_backend("auto", mode="rdn", device=CUDA) == "triton"
+    assert resolve_backend("auto", mode="gla", device=CUDA) == "torch"  # mode unsupported
+    assert resolve_backend("auto", mode="gdn", device=CPU) == "torch"  # not CUDA
+    assert resolve_backend("triton", mode="rdn", device=CUDA) == "triton"
+    with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rla' \(supported: gdn, rdn\)"):
+        resolve_backend("triton", mode="rla", device=CUDA)
+
+
+def test_explicit_backends_pass_through(monkeypatch):
+    monkeypatch.setattr(ops, "_import_triton", lambda: pytest.fail("recurrent/torch must not try Triton"))
+    for backend in ("recurrent", "torch"):
+        assert resolve_backend(backend, mode="rdn", device=CUDA) == backend
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("cuda", mode="rdn", device=CPU)
+
+
+def test_dispatch_calls_the_resolved_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels("gdn", calls=calls), ""))
+    q, k, v, g, beta, *_ = make_inputs("gdn", T=5, dtype=torch.float32, seed=20)
+    kw = {"mode": "gdn", "clip": 1.0, "scale": 0.25, "initial_state": (None, None), "output_final_state": False}
+    assert dispatch_residual_attention(q, k, v, g, beta, None, backend="triton", **kw) == ("o", None)
+    assert calls == ["gdn"]
+    o, _ = dispatch_residual_attention(q, k, v, g, beta, None, backend="auto", **kw)  # CPU tensors: torch
+    assert calls == ["gdn"] and o.shape == v.shape
+    o_none, _ = dispatch_residual_attention(q, k, v, g, beta, None, backend="auto", **(kw | {"initial_state": None}))
+    assert torch.equal(o_none, o)
+
+
+def write_fake_triton(root, body: str) -> None:
+    (root / "triton").mkdir()
+    (root / "triton" / "__init__.py").write_text(body)
+
+
+@pytest.fixture
+def fake_triton_path(monkeypatch, tmp_path):
+    """A folder first on sys.path where a test writes its own ``triton`` package."""
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_broken_triton_install_does_not_break_auto(fake_triton_path):
+    write_fake_triton(fake_triton_path, "raise RuntimeError('CUDA driver too old')\n")
+    assert ops._load_triton() is None
+    assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
+    with pytest.raises(NotImplementedError, match="RuntimeError: CUDA driver too old"):
+        resolve_backend("triton", mode="rdn", device=CUDA)
+
+
+def test_triton_absent(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    assert ops._load_triton() is None
+    assert resolve_backend("auto", mode="gdn", device=CUDA) == "torch"
+    with pytest.raises(NotImplementedError, match="triton package does not import"):
+        resolve_backend("triton", mode="gdn", device=CUDA)
+
+
+def test_remote_code_without_the_package(fake_triton_path, monkeypatch):
+    """In a checkpoint's remote code the kernels module does not exist: "auto" quietly gives torch."""
+    write_fake_triton(fake_triton_path, "")
+    monkeypatch.setattr(ops, "_TRITON_KERNELS", "hf_linattn_not_installed.kernels.triton")
+    assert ops._load_triton() is None
+    assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
+    with pytest.raises(NotImplementedError, match="ships with the hf_linattn package"):
+        resolve_backend("triton", mode="rdn", device=CUDA)
+
+
+def test_real_kernels_module_has_no_modes_yet(fake_triton_path):
+    """With triton importing, the real (stub) kernels module loads; it supports no mode yet."""
+    write_fake_triton(fake_triton_path, "")
+    module = ops._load_triton()
+    assert module is importlib.import_module("hf_linattn.kernels.triton")
+    assert module.SUPPORTED_MODES == ()
+    assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
+    with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rdn' \(supported: none yet\)"):
+        resolve_backend("triton", mode="rdn", device=CUDA)
+
+
+def test_import_is_attempted_once(fake_triton_path, monkeypatch):
+    write_fake_triton(fake_triton_path, "raise RuntimeError('broken')\n")
+    imported = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name: imported.append(name) or real_import(name))
+    for _ in range(3):
+        assert resolve_backend("auto", mode="gdn", device=CUDA) == "torch"
+    assert imported == ["triton"]
+
+
+def test_auto_on_cpu_runs_torch_path_in_real_environment(monkeypatch):
+    """No Triton import on CPU tensors, and the chunked path computes the result."""
+    calls = []
+    real = ops.chunked_residual_attention
+    monkeypatch.setattr(ops, "chunked_residual_attention", lambda *a: calls.append(a[6]) or real(*a))
+    monkeypatch.setattr(ops, "_import_triton", lambda: pytest.fail("CPU tensors must not try Triton"))
+    inputs = make_inputs("rdn", T=20, dtype=torch.float64, seed=21)
+    q, k, v, g, beta, gamma, S0, R0 = inputs
+    o, _ = residual_attention(q, k, v, g, beta, gamma, mode="rdn", initial_state=(S0, R0), backend="auto")
+    o_ref, _ = residual_attention(q, k, v, g, beta, gamma, mode="rdn", initial_state=(S0, R0), backend="recurrent")
+    assert calls == ["rdn"] and rel_err(o, o_ref) < 1e-10
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", ["torch", "recurrent"])
+def test_dispatch_equals_public_op_without_host_sync(mode, backend, monkeypatch):
+    """The hot-path entry computes the same result and never reads a tensor value on the host."""
+    q, k, v, g, beta, gamma, S0, R0 = make_inputs(mode, T=70, dtype=torch.float32, seed=22)
+    o_ref, (S_ref, _) = residual_attention(
+        q, k, v, g, beta, gamma, mode=mode, initial_state=(S0, R0), output_final_state=True, backend=backend
+    )
+
+    def no_sync(*args):
+        raise AssertionError("host sync in dispatch_residual_attention")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, no_sync)
+    o, (S, _) = dispatch_residual_attention(
+        q, k, v, g, beta, gamma, mode=mode, clip=1.0, scale=q.shape[-1] ** -0.5, initial_state=(S0, R0),
+        output_final_state=True, backend=backend,
+    )  # fmt: skip
+    monkeypatch.undo()
+    assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
