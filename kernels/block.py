@@ -229,6 +229,30 @@ class BlockRecord:
         """Bytes of the tensors the record holds, the (referenced) initial states included."""
         return sum(t.numel() * t.element_size() for t in self._fields() if t is not None)
 
+    def extend(self, other: BlockRecord) -> BlockRecord:
+        """This record followed by ``other``, a block that started from this one's final state (one more forward).
+
+        The states are linear in the writes, so the records concatenate exactly: one entering state for both.
+        """
+        def cat(a, b):
+            return None if a is None else torch.cat([a, b], dim=2)
+
+        return BlockRecord(self.S0, self.R0, cat(self.k, other.k), cat(self.x, other.x), cat(self.y, other.y),
+                           cat(self.g, other.g))  # fmt: skip
+
+    def truncate(self, n: int) -> BlockRecord:
+        """The record of the first n tokens only (views; n <= len)."""
+        return BlockRecord(self.S0, self.R0, self.k[:, :, :n], self.x[:, :, :n],
+                           None if self.y is None else self.y[:, :, :n], self.g[..., :n])  # fmt: skip
+
+    def drop_front(self, m: int) -> BlockRecord:
+        """The record of the tokens after the first m, starting from the state after them (one state is built)."""
+        if m == 0:
+            return self
+        S, R = self.state_after(m)
+        return BlockRecord(S, R, self.k[:, :, m:], self.x[:, :, m:], None if self.y is None else self.y[:, :, m:],
+                           self.g[..., m:])  # fmt: skip
+
 
 def block_residual_attention(
     q: torch.Tensor,

@@ -8,9 +8,10 @@ relative, so a checkpoint loads with ``trust_remote_code=True`` where hf_linattn
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_linattn import LinAttnCache, LinAttnStaticCache
+from .cache_linattn import LinAttnCache
 from .configuration_linattn import LAYER_TYPES, LINEAR_LAYER_TYPES, SOFTMAX_LAYER_TYPES, LinAttnConfig
 from .modeling_linattn import LinAttnForCausalLM, LinAttnModel, LinAttnPreTrainedModel
+from .static_cache_linattn import LinAttnStaticCache
 
 AutoConfig.register(LinAttnConfig.model_type, LinAttnConfig, exist_ok=True)
 AutoModel.register(LinAttnConfig, LinAttnModel, exist_ok=True)

@@ -1,64 +1,35 @@
 """The cache of hf_linattn models: a `transformers.Cache` whose layers match the model's mixers.
 
-- softmax layers use transformers' own layers: `DynamicLayer` (full attention) and
-  `DynamicSlidingWindowLayer` (sliding attention, which keeps `sliding_window - 1` keys), or
-  `StaticLayer` / `StaticSlidingWindowLayer` in the static-shape cache;
+- full-attention layers use transformers' `DynamicLayer`; sliding layers `LinAttnSlidingLayer`
+  (transformers' `DynamicSlidingWindowLayer`, which keeps `sliding_window - 1` keys, with a longer
+  rollback reach);
 - linear layers ("gla", "gdn", "rla", "rdn") use `LinAttnLinearLayer`: the recurrent states (S, R),
   each [B, H, K, V] in fp32 (R is None for gla/gdn), and the conv window [B, C, conv_size - 1]
   (the last inputs of the causal depthwise conv). The model's linear layers read it with
   `linear_state()` and write it with `update_linear()`.
+The static-shape cache for compiled decoding is in ``static_cache_linattn.py``.
 
 Rollback (speculative decoding, prompt lookup, lookahead): after `activate_past_recording()`, every
-forward also keeps, per linear layer, a record from which the state after each of its positions
-is recovered, and its conv inputs; transformers' sliding layers keep their keys until the next
-crop. `crop(-n)` then restores exactly the state after all but the last n tokens since the
-previous crop. transformers' generate() reads `is_linear`, `is_croppable` and `is_compileable`
-from the layers, as for its own caches.
+forward of a linear layer also hands the cache the `BlockRecord` of its tokens (keys, decays and
+what each token wrote: O(tokens x (K + V)) per head, not one K x V state per token), and the
+records of consecutive forwards concatenate. `crop(-n)` rebuilds exactly the state after all but
+the last n recorded tokens. Any number of tokens since the last crop can be undone, and up to
+`rollback_horizon` tokens before it (universal assisted decoding re-tokenizes and may undo a few
+tokens it had accepted). transformers' generate() reads `is_linear`, `is_croppable` and
+`is_compileable` from the layers, as for its own caches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers.cache_utils import (
-    Cache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    LinearAttentionCacheLayerMixin,
-    StaticLayer,
-    StaticSlidingWindowLayer,
-)
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionCacheLayerMixin
+
+from hf_linattn.kernels.block import BlockRecord
 
 from .configuration_linattn import LINEAR_LAYER_TYPES, LinAttnConfig
 
 State = tuple[torch.Tensor, torch.Tensor | None]
-
-
-@dataclass
-class StepRecord:
-    """The state before a forward and after each of its T positions (the token-by-token record)."""
-
-    before: State | None
-    after: list[State]
-
-    @property
-    def length(self) -> int:
-        return len(self.after)
-
-    def state_after(self, j: int) -> State | None:
-        """(S, R) after the first j positions (j = 0: the state the forward started from)."""
-        return self.before if j == 0 else self.after[j - 1]
-
-    def select(self, indices: torch.Tensor) -> StepRecord:
-        def pick(s: State | None) -> State | None:
-            return None if s is None else (s[0][indices], None if s[1] is None else s[1][indices])
-
-        return StepRecord(pick(self.before), [pick(s) for s in self.after])
-
-    def nbytes(self) -> int:
-        states = [s for s in (self.before, *self.after) if s is not None]
-        return sum(t.numel() * t.element_size() for s in states for t in s if t is not None)
+ROLLBACK_HORIZON = 128  # tokens before the last crop that a later crop may still undo
 
 
 class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
@@ -66,21 +37,21 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, conv_size: int, max_rollback: int = 64):
+    def __init__(self, conv_size: int, rollback_horizon: int = ROLLBACK_HORIZON):
         super().__init__(number_of_states=1)
         self.conv_width = conv_size - 1
-        self.max_rollback = max_rollback
+        self.rollback_horizon = rollback_horizon
         self.state: State | None = None
         self.conv: torch.Tensor | None = None
         self.cumulative_length = 0
-        # since the last crop, per forward: (record of its logged positions, its conv inputs [B, C, width + T])
-        self.history: list[tuple[StepRecord, torch.Tensor]] = []
-        self.unlogged = 0  # positions since the last crop that fell out of the max_rollback window
+        # while recording: the record of the last recorded tokens and their conv inputs [B, C, width + len(record)]
+        self.record: BlockRecord | None = None
+        self.conv_inputs: torch.Tensor | None = None
 
     # ---- transformers' cache-layer protocol ----
     @property
     def is_croppable(self) -> bool:
-        return True  # `crop` restores the states exactly from the record
+        return True  # `crop` rebuilds the states exactly from the record
 
     @property
     def is_compileable(self) -> bool:
@@ -107,44 +78,50 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
 
     def activate_past_recording(self) -> None:
         self.record_past = True
-        self.history, self.unlogged = [], 0
 
-    def update(self, *, state: State, conv_inputs: torch.Tensor, record: StepRecord | None, num_tokens: int) -> None:
-        """Store a forward's results: final state, conv inputs [B, C, width + T] and (while recording) its record."""
+    def update(self, *, state: State, conv_inputs: torch.Tensor, record: BlockRecord | None, num_tokens: int) -> None:
+        """Store a forward: its final state, its conv inputs [B, C, width + T] and, while recording, its record."""
         self.state = state
         self.conv = conv_inputs[:, :, conv_inputs.shape[-1] - self.conv_width :]
         self.cumulative_length += num_tokens
-        if self.record_past:
-            if record is None:
-                raise ValueError("a recording cache needs the forward's per-position record")
-            self.unlogged += num_tokens - record.length
-            # the conv inputs of the logged positions, after the conv_width inputs that precede them
-            self.history.append((record, conv_inputs[:, :, conv_inputs.shape[-1] - self.conv_width - record.length :]))
+        if not self.record_past:
+            return
+        if record is None or len(record) != num_tokens:
+            raise ValueError("a recording cache needs the BlockRecord of every token of the forward")
+        if self.record is None:
+            self.record, self.conv_inputs = record, conv_inputs
+        else:
+            self.record = self.record.extend(record)
+            self.conv_inputs = torch.cat([self.conv_inputs, conv_inputs[:, :, self.conv_width :]], dim=-1)
 
-    def logged_tokens(self) -> int:
-        return sum(record.length for record, _ in self.history)
+    def recorded_tokens(self) -> int:
+        return 0 if self.record is None else len(self.record)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Undo the last ``-tokens_to_remove`` tokens (<= 0) exactly; ``crop(0)`` only drops the record."""
+        """Undo the last ``-tokens_to_remove`` tokens (<= 0) exactly; then keep at most ``rollback_horizon``
+        recorded tokens before this point (``crop(0)`` only does the latter)."""
         remove = -tokens_to_remove
         if remove and not self.record_past:
             raise RuntimeError("crop needs activate_past_recording() before the tokens to undo were processed")
-        logged = self.logged_tokens()
-        if remove > logged:
+        recorded = self.recorded_tokens()
+        if remove > recorded:
             raise RuntimeError(
-                f"cannot roll back {remove} tokens: only the last {logged} were logged "
-                f"(max_rollback={self.max_rollback})"
+                f"cannot roll back {remove} tokens: {recorded} are recorded (every token since the last crop, and "
+                f"rollback_horizon={self.rollback_horizon} before it)"
             )
+        if self.record is None:
+            return
+        keep = recorded - remove
         if remove:
-            keep = logged - remove
-            for record, conv_inputs in self.history:
-                if keep <= record.length:
-                    self.state = record.state_after(keep)
-                    self.conv = conv_inputs[:, :, keep : keep + self.conv_width]
-                    break
-                keep -= record.length
+            self.state = self.record.state_after(keep)
+            self.conv = self.conv_inputs[:, :, keep : keep + self.conv_width]
+            self.record = self.record.truncate(keep)
+            self.conv_inputs = self.conv_inputs[:, :, : keep + self.conv_width]
             self.cumulative_length -= remove
-        self.history, self.unlogged = [], 0
+        drop = keep - self.rollback_horizon
+        if drop > 0:
+            self.record = self.record.drop_front(drop)
+            self.conv_inputs = self.conv_inputs[:, :, drop:]
 
     def _select_rows(self, indices: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) batch rows: every tensor held becomes ``tensor[indices]``."""
@@ -154,7 +131,9 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
             self.state = (S[indices], None if R is None else R[indices])
         if self.conv is not None:
             self.conv = self.conv[indices.to(self.conv.device)]
-        self.history = [(record.select(indices), conv[indices.to(conv.device)]) for record, conv in self.history]
+        if self.record is not None:
+            self.record = self.record.select(indices)
+            self.conv_inputs = self.conv_inputs[indices.to(self.conv_inputs.device)]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -169,7 +148,7 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.conv, self.cumulative_length = None, None, 0
-        self.history, self.unlogged = [], 0
+        self.record, self.conv_inputs = None, None
 
     def offload(self) -> None:
         """Linear layers are small and stay on their device (transformers never offloads linear layers)."""
@@ -182,108 +161,38 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def recording_nbytes(self) -> int:
-        return sum(r.nbytes() + c.numel() * c.element_size() for r, c in self.history)
+        if self.record is None:
+            return 0
+        return self.record.nbytes() + self.conv_inputs.numel() * self.conv_inputs.element_size()
 
 
-class LinAttnStaticLinearLayer(LinearAttentionCacheLayerMixin):
-    """Static-shape cache of one linear layer: fixed buffers updated in place, so compiled decode steps (and CUDA
-    graphs) replay with the same addresses. It does not roll back (use `LinAttnCache` for assisted decoding)."""
+class LinAttnSlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, whose crop keeps ``rollback_horizon`` keys more than the window, so
+    that a later crop may undo tokens from before the last one (as the linear layers can)."""
 
-    is_sliding = False
-    is_croppable = False
-
-    def __init__(self, conv_size: int):
-        super().__init__(number_of_states=1)
-        self.conv_width = conv_size - 1
-        self.state: State | None = None
-        self.conv: torch.Tensor | None = None
-        self.cumulative_length = torch.tensor(0, dtype=torch.long)
-
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.state is not None
-
-    def get_seq_length(self) -> torch.Tensor | int:
-        return self.cumulative_length if self.state is not None else 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def lazy_initialization(self, *, state: State, conv: torch.Tensor) -> None:
-        """Allocate the buffers like the first forward's results, and pin their addresses for compiled steps."""
-        S, R = state
-        self.state = (torch.zeros_like(S), None if R is None else torch.zeros_like(R))
-        self.conv = torch.zeros_like(conv)
-        self.cumulative_length = self.cumulative_length.to(S.device)
-        if not torch.compiler.is_compiling():
-            for t in (*self.state, self.conv, self.cumulative_length):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
-
-    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
-        raise NotImplementedError("hf_linattn layers update their cache with update_linear")
-
-    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
-        raise NotImplementedError("hf_linattn layers update their cache with update_linear")
-
-    def activate_past_recording(self) -> None:
-        raise NotImplementedError(
-            "the static cache does not roll back: assisted decoding, prompt lookup and lookahead need the default "
-            "cache (LinAttnCache)"
-        )
-
-    def update(self, *, state: State, conv_inputs: torch.Tensor, record: StepRecord | None, num_tokens: int) -> None:
-        conv = conv_inputs[:, :, conv_inputs.shape[-1] - self.conv_width :]
-        if self.state is None:
-            self.lazy_initialization(state=state, conv=conv)
-        self.state[0].copy_(state[0])
-        if state[1] is not None:
-            self.state[1].copy_(state[1])
-        self.conv.copy_(conv)
-        self.cumulative_length.add_(num_tokens)
+    def __init__(self, sliding_window: int, rollback_horizon: int = ROLLBACK_HORIZON):
+        super().__init__(sliding_window=sliding_window)
+        self.rollback_horizon = rollback_horizon
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise NotImplementedError("the static cache does not roll back; use LinAttnCache")
-
-    def _select_rows(self, indices: torch.Tensor) -> None:
-        if self.state is not None:
-            for t in (*self.state, self.conv):
-                if t is not None:
-                    t.copy_(t[indices.to(t.device)])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def reset(self) -> None:
-        if self.state is not None:
-            for t in (*self.state, self.conv):
-                if t is not None:
-                    t.zero_()
-        self.cumulative_length.zero_()
-
-    def offload(self) -> None:
-        """Linear layers stay on their device."""
-
-    def prefetch(self) -> None:
-        """See `offload`."""
-
-    def nbytes(self) -> int:
-        tensors = [self.conv, *(self.state or ())]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def recording_nbytes(self) -> int:
-        return 0
+        remove = -tokens_to_remove
+        if tokens_to_remove > 0 or not self.is_initialized:
+            return super().crop(tokens_to_remove)
+        if remove and not self.record_past and self.cumulative_length >= self.sliding_window:
+            raise RuntimeError("crop needs activate_past_recording() before the tokens to undo were processed")
+        held = self.keys.shape[-2]
+        # after the crop, the next forward needs the window - 1 keys before the new end
+        needed = min(self.sliding_window - 1, self.cumulative_length - remove)
+        if held - remove < needed:
+            raise RuntimeError(f"cannot roll back {remove} tokens: the sliding layer holds {held} keys")
+        keep = self.sliding_window - 1 + self.rollback_horizon
+        self.keys = self.keys[:, :, : held - remove][:, :, -keep:]
+        self.values = self.values[:, :, : held - remove][:, :, -keep:]
+        self.cumulative_length -= remove
 
 
 class _LinAttnCacheBase(Cache):
     """What the model's layers and generate() use of both caches: the linear-layer accessors and the queries."""
-
-    max_rollback = 64
 
     def linear_state(self, layer_idx: int) -> tuple[State | None, torch.Tensor | None]:
         """((S, R) or None, conv window [B, C, conv_size - 1] or None) of a linear layer."""
@@ -291,7 +200,7 @@ class _LinAttnCacheBase(Cache):
         return layer.state, layer.conv
 
     def update_linear(
-        self, layer_idx: int, *, state: State, conv_inputs: torch.Tensor, record: StepRecord | None, num_tokens: int
+        self, layer_idx: int, *, state: State, conv_inputs: torch.Tensor, record: BlockRecord | None, num_tokens: int
     ) -> None:
         """Store a linear layer's forward: final state, conv inputs [B, C, width + T], record while recording."""
         self.layers[layer_idx].update(state=state, conv_inputs=conv_inputs, record=record, num_tokens=num_tokens)
@@ -314,31 +223,31 @@ class _LinAttnCacheBase(Cache):
         return total
 
     def recording_nbytes(self) -> int:
-        """Bytes held by the rollback record (per-position states and conv inputs of the linear layers)."""
+        """Bytes held by the rollback records of the linear layers (keys, decays, writes, entering states, conv)."""
         return sum(layer.recording_nbytes() for layer in self.layers if hasattr(layer, "recording_nbytes"))
 
 
 class LinAttnCache(_LinAttnCacheBase):
     """Generation cache of [`LinAttnForCausalLM`], one layer per model layer; created empty, filled by forwards."""
 
-    def __init__(self, config: LinAttnConfig, max_rollback: int = 64):
+    def __init__(self, config: LinAttnConfig, rollback_horizon: int = ROLLBACK_HORIZON):
         layers = []
         for mixer in config.mixer_types:
             if mixer in LINEAR_LAYER_TYPES:
-                layers.append(LinAttnLinearLayer(config.linear_conv_size, max_rollback=max_rollback))
+                layers.append(LinAttnLinearLayer(config.linear_conv_size, rollback_horizon=rollback_horizon))
             elif mixer == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
+                layers.append(LinAttnSlidingLayer(config.sliding_window, rollback_horizon=rollback_horizon))
             else:
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
-        self.max_rollback = max_rollback
+        self.rollback_horizon = rollback_horizon
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(super().get_seq_length(layer_idx))
 
     def crop(self, max_length: int) -> None:
         """Undo tokens: ``crop(-n)`` removes the last n (exact for every layer kind); ``crop(L)``, L > 0, keeps
-        the first L. ``crop(0)`` only drops the rollback record."""
+        the first L. ``crop(0)`` only trims the rollback records."""
         remove = -max_length if max_length <= 0 else self.get_seq_length() - max_length
         if remove < 0:
             raise ValueError(f"cannot crop to {max_length} tokens: the cache holds {self.get_seq_length()}")
@@ -346,22 +255,4 @@ class LinAttnCache(_LinAttnCacheBase):
             layer.crop(-remove)
 
 
-class LinAttnStaticCache(_LinAttnCacheBase):
-    """Static-shape cache for compiled decoding (``generate(..., cache_implementation="static")``): preallocated
-    keys/values (transformers' static layers, ``max_cache_len`` positions) and in-place linear states."""
-
-    def __init__(self, config: LinAttnConfig, max_cache_len: int):
-        layers = []
-        for mixer in config.mixer_types:
-            if mixer in LINEAR_LAYER_TYPES:
-                layers.append(LinAttnStaticLinearLayer(config.linear_conv_size))
-            elif mixer == "sliding_attention":
-                window = config.sliding_window
-                layers.append(StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=window))
-            else:
-                layers.append(StaticLayer(max_cache_len=max_cache_len))
-        super().__init__(layers=layers)
-        self.max_cache_len = max_cache_len
-
-
-__all__ = ["LinAttnCache", "LinAttnLinearLayer", "LinAttnStaticCache", "LinAttnStaticLinearLayer", "StepRecord"]
+__all__ = ["ROLLBACK_HORIZON", "LinAttnCache", "LinAttnLinearLayer", "LinAttnSlidingLayer", "State"]

@@ -13,18 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_linattn.kernels.block import BLOCK_CHUNK, BlockRecord, block_residual_attention
 from hf_linattn.kernels.decode import decode_step
 from hf_linattn.kernels.modes import is_residual
 from hf_linattn.kernels.ops import dispatch_residual_attention
-from hf_linattn.kernels.recurrent import recurrent_residual_attention
 
-from .cache_linattn import LinAttnCache, StepRecord
+from .cache_linattn import LinAttnCache
 from .configuration_linattn import LinAttnConfig
 from .layers_linattn import LinAttnRMSNorm, apply_rotary
-
-# Up to this many new tokens, a decode step on CPU runs the token-by-token recurrence: a 64-token
-# chunk would be mostly padding. Both paths compute the same function.
-RECURRENT_DECODE_MAX_TOKENS = 16
 
 
 def packed_sequence_starts(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -104,43 +100,29 @@ class LinAttnLinearAttention(nn.Module):
             out = out + weight[:, width - lag, None] * window[:, :, width - lag : width - lag + T] * same
         return out.transpose(1, 2), window
 
-    def _op(self, q, k, v, g, beta, gamma, state, output_final_state: bool):
-        """The op on [B, T, H, *] inputs; the token loop for short blocks on CPU (a chunk would be mostly padding)."""
-        scale = q.shape[-1] ** -0.5
-        if q.shape[1] == 1:  # a decode step: a few fused ops, and fixed shapes for torch.compile
+    def _op(self, q, k, v, g, beta, gamma, state, record: bool) -> tuple[torch.Tensor, tuple, BlockRecord | None]:
+        """The op on [B, T, H, *] inputs from the cached ``state``: o, the final state and (if ``record``) the
+        block's record for rollback. Three exact paths: one token (a decode step: a few fused ops with fixed
+        shapes, for torch.compile), a block of at most one chunk (a verify forward: one parallel pass that also
+        gives the record), and long sequences (the chunked path, or Triton on GPUs)."""
+        T, scale = q.shape[1], q.shape[-1] ** -0.5
+        state = state if state is not None else (None, None)
+        if T == 1 and not record:
             o, final = decode_step(
                 q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], None if gamma is None else gamma[:, 0],
-                mode=self.mode, clip=self.clip, scale=scale, state=state if state is not None else (None, None),
+                mode=self.mode, clip=self.clip, scale=scale, state=state,
             )  # fmt: skip
-            return o[:, None], final
-        backend = "recurrent" if q.shape[1] <= RECURRENT_DECODE_MAX_TOKENS and not q.is_cuda else "auto"
-        return dispatch_residual_attention(
-            q, k, v, g, beta, gamma, mode=self.mode, clip=self.clip, scale=scale,
-            initial_state=state if state is not None else (None, None), output_final_state=output_final_state,
-            backend=backend,
+            return o[:, None], final, None
+        if T <= BLOCK_CHUNK or record:
+            o, final, block = block_residual_attention(
+                q, k, v, g, beta, gamma, self.mode, self.clip, scale, state, output_final_state=True
+            )
+            return o, final, block if record else None
+        o, final = dispatch_residual_attention(
+            q, k, v, g, beta, gamma, mode=self.mode, clip=self.clip, scale=scale, initial_state=state,
+            output_final_state=True, backend="auto",
         )  # fmt: skip
-
-    def _op_recording(self, q, k, v, g, beta, gamma, state, max_rollback: int):
-        """The op, also recording the state after each of the last ``max_rollback`` positions (for crop)."""
-        T = q.shape[1]
-        head = max(0, T - max_rollback)
-
-        def part(t, a, b):
-            return None if t is None else t[:, a:b]
-
-        outputs = []
-        if head:
-            o, state = self._op(q[:, :head], k[:, :head], v[:, :head], g[:, :head], beta[:, :head],
-                                part(gamma, 0, head), state, True)  # fmt: skip
-            outputs.append(o)
-        before, after = state, []
-        # the reference recurrence on the layer's own inputs, collecting the state after each token
-        o, state = recurrent_residual_attention(
-            q[:, head:], k[:, head:], v[:, head:], g[:, head:], beta[:, head:], part(gamma, head, T), self.mode,
-            self.clip, q.shape[-1] ** -0.5, state if state is not None else (None, None), True, step_states=after,
-        )  # fmt: skip
-        outputs.append(o)
-        return torch.cat(outputs, dim=1), state, StepRecord(before=before, after=after)
+        return o, final, None
 
     def _heads(self, x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
         """[B, T, heads * dim] -> [B, T, num_heads, dim], sharing kv heads across their query group."""
@@ -195,11 +177,8 @@ class LinAttnLinearAttention(nn.Module):
             # alpha = exp(-inf) = 0 at a sequence start: both states forget the previous sequence exactly
             g = g.masked_fill(sequence_starts[..., None], float("-inf"))
 
-        record = None
-        if cache is not None and cache.is_recording(self.layer_idx):
-            o, final, record = self._op_recording(q, k, v, g, beta, gamma, state, cache.max_rollback)
-        else:
-            o, final = self._op(q, k, v, g, beta, gamma, state, cache is not None)
+        recording = cache is not None and cache.is_recording(self.layer_idx)
+        o, final, record = self._op(q, k, v, g, beta, gamma, state, record=recording)
         if cache is not None:
             cache.update_linear(self.layer_idx, state=final, conv_inputs=conv_inputs, record=record, num_tokens=T)
         if self.o_norm is not None:
@@ -209,4 +188,4 @@ class LinAttnLinearAttention(nn.Module):
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype)), None
 
 
-__all__ = ["RECURRENT_DECODE_MAX_TOKENS", "LinAttnLinearAttention", "packed_sequence_starts"]
+__all__ = ["LinAttnLinearAttention", "packed_sequence_starts"]

@@ -26,11 +26,12 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .cache_linattn import LinAttnCache, LinAttnStaticCache
+from .cache_linattn import LinAttnCache
 from .configuration_linattn import LINEAR_LAYER_TYPES, TRANSFORMERS_LINEAR_TYPE, LinAttnConfig
 from .export import push_folder, split_hub_kwargs, write_remote_code
 from .layers_linattn import LinAttnMLP, LinAttnRMSNorm, LinAttnRotaryEmbedding, LinAttnSoftmaxAttention
 from .linear_attention_linattn import LinAttnLinearAttention, packed_sequence_starts
+from .static_cache_linattn import LinAttnStaticCache
 
 logger = logging.get_logger(__name__)
 

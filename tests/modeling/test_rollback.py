@@ -106,33 +106,78 @@ def test_crop_to_a_length_and_refusals():
     model = tiny_model(STACKS["hybrid"]).double()
     ids = prompt(1, 20, seed=44)
     with torch.no_grad():
-        cache = LinAttnCache(model.config, max_rollback=4)
+        cache = LinAttnCache(model.config, rollback_horizon=2)
         model(ids[:, :10], past_key_values=cache, use_cache=True)
         with pytest.raises(RuntimeError, match="activate_past_recording"):
             cache.crop(-1)
         cache.activate_past_recording()
         model(ids[:, 10:16], past_key_values=cache, use_cache=True)
-        with pytest.raises(RuntimeError, match="only the last 4"):
-            cache.crop(-5)
+        with pytest.raises(RuntimeError, match="cannot roll back 7 tokens: 6 are recorded"):
+            cache.crop(-7)
         cache.crop(13)  # keep the first 13 tokens = undo 3
+        with pytest.raises(RuntimeError, match="cannot roll back 3 tokens: 2 are recorded"):
+            cache.crop(-3)  # only rollback_horizon = 2 tokens before the last crop are kept
         reference = LinAttnCache(model.config)
         model(ids[:, :13], past_key_values=reference, use_cache=True)
     assert_same_cache(cache, reference, 1e-10)
-    assert cache.recording_nbytes() == 0  # a crop starts a new, empty log
 
 
-def test_recording_memory_is_per_position_states():
+def test_blocks_longer_than_a_chunk_roll_back(stack):
+    """Drafts of any length (transformers' schedule grows past 64 after full acceptances)."""
+    _, layer_types = stack
+    model = tiny_model(layer_types).double()
+    ids = prompt(1, 110, seed=48)
+    with torch.no_grad():
+        cache = LinAttnCache(model.config)
+        model(ids[:, :20], past_key_values=cache, use_cache=True)
+        cache.activate_past_recording()
+        model(ids[:, 20:100], past_key_values=cache, use_cache=True)  # an 80-token verify block
+        cache.crop(-70)
+        reference = LinAttnCache(model.config)
+        model(ids[:, :30], past_key_values=reference, use_cache=True)
+        assert_same_cache(cache, reference, 1e-10)
+
+
+def test_crop_past_the_previous_crop_point(stack):
+    """Universal assisted decoding re-tokenizes and undoes tokens it had accepted in an earlier round."""
+    _, layer_types = stack
+    model = tiny_model(layer_types).double()
+    ids = prompt(1, 40, seed=49)
+    with torch.no_grad():
+        cache = LinAttnCache(model.config)
+        model(ids[:, :12], past_key_values=cache, use_cache=True)
+        cache.activate_past_recording()
+        model(ids[:, 12:17], past_key_values=cache, use_cache=True)
+        cache.crop(-2)  # 15 kept
+        for t in range(15, 18):  # three one-token steps, as a draft model runs them
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache.crop(-6)  # back to 12: three tokens before the previous crop point
+        reference = LinAttnCache(model.config)
+        model(ids[:, :12], past_key_values=reference, use_cache=True)
+        assert_same_cache(cache, reference, 1e-10)
+        nxt = ids[:, 12:14]
+        torch.testing.assert_close(model(nxt, past_key_values=cache).logits,
+                                   model(nxt, past_key_values=reference).logits, rtol=1e-10, atol=1e-12)  # fmt: skip
+
+
+def test_recording_memory_is_the_compact_record():
+    """Per linear layer: the entering states once, then keys, writes and decays per token (not K x V per token)."""
     model = tiny_model(STACKS["rdn"])
     with torch.no_grad():
         cache = LinAttnCache(model.config)
         model(prompt(1, 8, seed=45), past_key_values=cache, use_cache=True)
         cache.activate_past_recording()
         model(prompt(1, 4, seed=46), past_key_values=cache, use_cache=True)
-    S, R = cache.layers[0].state
-    state = S.numel() * S.element_size() + R.numel() * R.element_size()
-    conv = cache.layers[0].conv
-    per_layer = (4 + 1) * state + (conv.shape[-1] + 4) * conv.shape[1] * conv.element_size()
-    assert cache.recording_nbytes() == 2 * per_layer
+        model(prompt(1, 3, seed=47), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    S, R = layer.state
+    H, K, V = S.shape[1:]
+    states = 2 * S.numel() * S.element_size()  # S0 and R0
+    per_token = H * (K + 2 * V) * 4 + H * 8  # keys, writes into S and R (fp32), log-decays (fp64)
+    conv = (layer.conv_width + 7) * layer.conv.shape[1] * 4
+    assert cache.recording_nbytes() == 2 * (states + 7 * per_token + conv)
+    cache.crop(0)
+    assert cache.recording_nbytes() > 0  # tokens before the crop stay undoable, up to rollback_horizon
 
 
 @pytest.mark.parametrize("name", list(STACKS))
