@@ -90,14 +90,19 @@ class LinAttnLinearAttention(nn.Module):
         if past is None:
             past = x.new_zeros(B, C, width)
         window = torch.cat([past.to(x.dtype), x], dim=-1)
-        if sequence_starts is None:
+        if sequence_starts is None and T > BLOCK_CHUNK:
             return self.conv1d(window).transpose(1, 2), window
-        segment = F.pad(sequence_starts.long().cumsum(-1), (width, 0), value=-1)  # [B, width + T]; past: no segment
-        weight = self.conv1d.weight[:, 0, :]  # [C, conv_size], tap conv_size - 1 is the current token
-        out = torch.zeros_like(x)
-        for lag in range(self.conv_size):
-            same = (segment[:, width - lag : width - lag + T] == segment[:, width:])[:, None, :]
-            out = out + weight[:, width - lag, None] * window[:, :, width - lag : width - lag + T] * same
+        # short blocks (decode and verify steps): a few multiply-adds beat the convolution's setup cost
+        weight = self.conv1d.weight[:, 0, :, None]  # [C, conv_size, 1], tap conv_size - 1 is the current token
+        segment = None
+        if sequence_starts is not None:  # packed rows: a tap that reaches into an earlier sequence reads zero
+            segment = F.pad(sequence_starts.long().cumsum(-1), (width, 0), value=-1)[:, None, :]  # [B, 1, width + T]
+        out = window[:, :, width:] * weight[:, width]
+        for lag in range(1, self.conv_size):
+            tap = window[:, :, width - lag : width - lag + T] * weight[:, width - lag]
+            if segment is not None:
+                tap = tap * (segment[..., width - lag : width - lag + T] == segment[..., width:])
+            out = out + tap
         return out.transpose(1, 2), window
 
     def _op(self, q, k, v, g, beta, gamma, state, record: bool) -> tuple[torch.Tensor, tuple, BlockRecord | None]:
