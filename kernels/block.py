@@ -229,16 +229,23 @@ class BlockRecord:
         """Bytes of the tensors the record holds, the (referenced) initial states included."""
         return sum(t.numel() * t.element_size() for t in self._fields() if t is not None)
 
-    def extend(self, other: BlockRecord) -> BlockRecord:
-        """This record followed by ``other``, a block that started from this one's final state (one more forward).
+    def extend(self, *others: BlockRecord) -> BlockRecord:
+        """This record followed by ``others``, blocks that each started from the final state of the one before.
 
-        The states are linear in the writes, so the records concatenate exactly: one entering state for both.
+        The states are linear in the writes, so the records concatenate exactly: one entering state for all
+        (the others' own entering states are not read).
         """
-        def cat(a, b):
-            return None if a is None else torch.cat([a, b], dim=2)
+        records = (self, *others)
 
-        return BlockRecord(self.S0, self.R0, cat(self.k, other.k), cat(self.x, other.x), cat(self.y, other.y),
-                           cat(self.g, other.g))  # fmt: skip
+        def cat(name: str) -> torch.Tensor | None:
+            parts = [getattr(r, name) for r in records]
+            return None if parts[0] is None else torch.cat(parts, dim=2 if parts[0].dim() == 4 else -1)
+
+        return BlockRecord(self.S0, self.R0, cat("k"), cat("x"), cat("y"), cat("g"))
+
+    def without_state(self) -> BlockRecord:
+        """The same writes with no entering state held: a block that only ever follows another (see ``extend``)."""
+        return BlockRecord(None, None, self.k, self.x, self.y, self.g)
 
     def truncate(self, n: int) -> BlockRecord:
         """The record of the first n tokens only (views; n <= len)."""

@@ -13,7 +13,7 @@ Rollback (speculative decoding, prompt lookup, lookahead): after `activate_past_
 forward of a linear layer also hands the cache the `BlockRecord` of its tokens (keys, decays and
 what each token wrote: O(tokens x (K + V)) per head, not one K x V state per token), and the
 records of consecutive forwards concatenate. `crop(-n)` rebuilds exactly the state after all but
-the last n recorded tokens. Any number of tokens since the last crop can be undone, and up to
+the last n recorded tokens. Any number of tokens since the last crop can be undone, and at least
 `rollback_horizon` tokens before it (universal assisted decoding re-tokenizes and may undo a few
 tokens it had accepted). transformers' generate() reads `is_linear`, `is_croppable` and
 `is_compileable` from the layers, as for its own caches.
@@ -44,14 +44,18 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
         self.state: State | None = None
         self.conv: torch.Tensor | None = None
         self.cumulative_length = 0
-        # while recording: the record of the last recorded tokens and their conv inputs [B, C, width + len(record)]
+        # While recording: the record of the tokens since the last crop, and their conv inputs [B, C, width + n]
+        # (the conv window before them, then theirs). Before it, the tokens kept for rollbacks past the last crop:
+        # one record holding the oldest kept state, then the later accepted blocks without a state of their own
+        # (each continues the one before), merged only when needed.
         self.record: BlockRecord | None = None
         self.conv_inputs: torch.Tensor | None = None
+        self.history: list[tuple[BlockRecord, torch.Tensor]] = []
 
     # ---- transformers' cache-layer protocol ----
     @property
     def is_croppable(self) -> bool:
-        return True  # `crop` rebuilds the states exactly from the record
+        return True  # `crop` rebuilds the states exactly from the records
 
     @property
     def is_compileable(self) -> bool:
@@ -94,34 +98,60 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
             self.record = self.record.extend(record)
             self.conv_inputs = torch.cat([self.conv_inputs, conv_inputs[:, :, self.conv_width :]], dim=-1)
 
+    def max_rollback(self) -> int:
+        """Tokens a crop can undo: those since the last crop and those kept before it."""
+        return self.recorded_tokens() if self.record_past else 0
+
     def recorded_tokens(self) -> int:
-        return 0 if self.record is None else len(self.record)
+        """Tokens recorded: those since the last crop and those kept before it."""
+        return (0 if self.record is None else len(self.record)) + sum(len(r) for r, _ in self.history)
+
+    def _merged_history(self) -> tuple[BlockRecord, torch.Tensor]:
+        """The kept tokens before the last crop as one record (one concatenation, done when a crop needs it)."""
+        if len(self.history) > 1:
+            records, convs = zip(*self.history)
+            conv = torch.cat([convs[0], *(c[:, :, self.conv_width :] for c in convs[1:])], dim=-1)
+            self.history = [(records[0].extend(*records[1:]), conv)]
+        return self.history[0]
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Undo the last ``-tokens_to_remove`` tokens (<= 0) exactly; then keep at most ``rollback_horizon``
-        recorded tokens before this point (``crop(0)`` only does the latter)."""
+        """Undo the last ``-tokens_to_remove`` tokens (<= 0) exactly; ``crop(0)`` only closes the current block.
+
+        Cost: one state rebuilt from the current block's record; a crop past the previous crop point rebuilds it
+        from the kept history instead.
+        """
         remove = -tokens_to_remove
         if remove and not self.record_past:
             raise RuntimeError("crop needs activate_past_recording() before the tokens to undo were processed")
-        recorded = self.recorded_tokens()
-        if remove > recorded:
+        current = 0 if self.record is None else len(self.record)
+        if remove > self.recorded_tokens():
             raise RuntimeError(
-                f"cannot roll back {remove} tokens: {recorded} are recorded (every token since the last crop, and "
-                f"rollback_horizon={self.rollback_horizon} before it)"
+                f"cannot roll back {remove} tokens: {self.recorded_tokens()} are recorded (every token since the "
+                f"last crop, and up to rollback_horizon={self.rollback_horizon} before it)"
             )
-        if self.record is None:
-            return
-        keep = recorded - remove
-        if remove:
-            self.state = self.record.state_after(keep)
-            self.conv = self.conv_inputs[:, :, keep : keep + self.conv_width]
-            self.record = self.record.truncate(keep)
-            self.conv_inputs = self.conv_inputs[:, :, : keep + self.conv_width]
-            self.cumulative_length -= remove
-        drop = keep - self.rollback_horizon
-        if drop > 0:
-            self.record = self.record.drop_front(drop)
-            self.conv_inputs = self.conv_inputs[:, :, drop:]
+        if remove <= current:
+            keep = current - remove
+            if remove:
+                self.state = self.record.state_after(keep)
+                self.conv = self.conv_inputs[:, :, keep : keep + self.conv_width]
+            if keep:  # the accepted tokens join the history
+                accepted = self.record.truncate(keep)
+                self.history.append((accepted if not self.history else accepted.without_state(),
+                                     self.conv_inputs[:, :, : keep + self.conv_width]))  # fmt: skip
+        else:  # past the last crop point (universal assisted decoding re-tokenizes the end of the text)
+            history, conv = self._merged_history()
+            keep = len(history) - (remove - current)
+            self.state = history.state_after(keep)
+            self.conv = conv[:, :, keep : keep + self.conv_width]
+            self.history = [(history.truncate(keep), conv[:, :, : keep + self.conv_width])] if keep else []
+        self.cumulative_length -= remove
+        self.record, self.conv_inputs = None, None
+        # keep about rollback_horizon tokens; trimming (which builds a state) waits until twice that: amortized
+        kept = sum(len(r) for r, _ in self.history)
+        if kept > 2 * self.rollback_horizon:
+            history, conv = self._merged_history()
+            drop = kept - self.rollback_horizon
+            self.history = [(history.drop_front(drop), conv[:, :, drop:])]
 
     def _select_rows(self, indices: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) batch rows: every tensor held becomes ``tensor[indices]``."""
@@ -134,6 +164,7 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
         if self.record is not None:
             self.record = self.record.select(indices)
             self.conv_inputs = self.conv_inputs[indices.to(self.conv_inputs.device)]
+        self.history = [(r.select(indices), c[indices.to(c.device)]) for r, c in self.history]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx)
@@ -148,7 +179,7 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
 
     def reset(self) -> None:
         self.state, self.conv, self.cumulative_length = None, None, 0
-        self.record, self.conv_inputs = None, None
+        self.record, self.conv_inputs, self.history = None, None, []
 
     def offload(self) -> None:
         """Linear layers are small and stay on their device (transformers never offloads linear layers)."""
@@ -161,9 +192,8 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def recording_nbytes(self) -> int:
-        if self.record is None:
-            return 0
-        return self.record.nbytes() + self.conv_inputs.numel() * self.conv_inputs.element_size()
+        blocks = self.history + ([(self.record, self.conv_inputs)] if self.record is not None else [])
+        return sum(r.nbytes() + c.numel() * c.element_size() for r, c in blocks)
 
 
 class LinAttnSlidingLayer(DynamicSlidingWindowLayer):
@@ -174,17 +204,20 @@ class LinAttnSlidingLayer(DynamicSlidingWindowLayer):
         super().__init__(sliding_window=sliding_window)
         self.rollback_horizon = rollback_horizon
 
+    def max_rollback(self) -> int:
+        """Tokens a crop can undo: the next forward needs the window - 1 keys before the new end."""
+        if not self.is_initialized:
+            return 0
+        held = self.keys.shape[-2]
+        return held if held == self.cumulative_length else max(0, held - (self.sliding_window - 1))
+
     def crop(self, tokens_to_remove: int) -> None:
         remove = -tokens_to_remove
         if tokens_to_remove > 0 or not self.is_initialized:
             return super().crop(tokens_to_remove)
-        if remove and not self.record_past and self.cumulative_length >= self.sliding_window:
-            raise RuntimeError("crop needs activate_past_recording() before the tokens to undo were processed")
+        if remove > self.max_rollback():
+            raise RuntimeError(f"cannot roll back {remove} tokens: the sliding layer can undo {self.max_rollback()}")
         held = self.keys.shape[-2]
-        # after the crop, the next forward needs the window - 1 keys before the new end
-        needed = min(self.sliding_window - 1, self.cumulative_length - remove)
-        if held - remove < needed:
-            raise RuntimeError(f"cannot roll back {remove} tokens: the sliding layer holds {held} keys")
         keep = self.sliding_window - 1 + self.rollback_horizon
         self.keys = self.keys[:, :, : held - remove][:, :, -keep:]
         self.values = self.values[:, :, : held - remove][:, :, -keep:]
@@ -251,6 +284,14 @@ class LinAttnCache(_LinAttnCacheBase):
         remove = -max_length if max_length <= 0 else self.get_seq_length() - max_length
         if remove < 0:
             raise ValueError(f"cannot crop to {max_length} tokens: the cache holds {self.get_seq_length()}")
+        if remove and not all(getattr(layer, "record_past", True) for layer in self.layers):
+            raise RuntimeError("crop needs activate_past_recording() before the tokens to undo were processed")
+        limit = min(layer.max_rollback() if hasattr(layer, "max_rollback") else remove for layer in self.layers)
+        if remove > limit:  # checked before any layer changes, so a refused crop leaves the cache as it was
+            raise RuntimeError(
+                f"cannot roll back {remove} tokens: this cache can undo {limit} (every token since the last crop, "
+                f"and at least rollback_horizon={self.rollback_horizon} before it)"
+            )
         for layer in self.layers:
             layer.crop(-remove)
 

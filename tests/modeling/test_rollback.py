@@ -112,11 +112,11 @@ def test_crop_to_a_length_and_refusals():
             cache.crop(-1)
         cache.activate_past_recording()
         model(ids[:, 10:16], past_key_values=cache, use_cache=True)
-        with pytest.raises(RuntimeError, match="cannot roll back 7 tokens: 6 are recorded"):
+        with pytest.raises(RuntimeError, match="cannot roll back 7 tokens: this cache can undo 6"):
             cache.crop(-7)
         cache.crop(13)  # keep the first 13 tokens = undo 3
-        with pytest.raises(RuntimeError, match="cannot roll back 3 tokens: 2 are recorded"):
-            cache.crop(-3)  # only rollback_horizon = 2 tokens before the last crop are kept
+        with pytest.raises(RuntimeError, match="cannot roll back 3 tokens: this cache can undo 2"):
+            cache.crop(-3)  # the sliding layer keeps rollback_horizon = 2 keys beyond its window
         reference = LinAttnCache(model.config)
         model(ids[:, :13], past_key_values=reference, use_cache=True)
     assert_same_cache(cache, reference, 1e-10)
