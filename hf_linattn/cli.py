@@ -136,9 +136,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="sequences per step, split over processes")  # fmt: skip
     p.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
     p.add_argument("--linear-rotary", action=argparse.BooleanOptionalAction, default=False,
-                   help="rotary embeddings on q/k in the linear layers")  # fmt: skip
+                   help="rotary embeddings on q/k in the linear layers (default: off)")  # fmt: skip
     p.add_argument("--residual-clip", type=_positive_float, default=1.0, metavar="C",
-                   help="clip bound of the residual error (rla, rdn)")  # fmt: skip
+                   help="clip bound of the residual error in rla and rdn")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
     p.add_argument("--data", type=Path, nargs="*", default=[], metavar="PATH",
                    help="training text files or folders (default: the Python standard library source)")  # fmt: skip

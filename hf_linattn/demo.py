@@ -98,7 +98,7 @@ def run_demo(
 
     checkpoint = output / "checkpoint"
     model.save_pretrained(checkpoint)
-    report["checkpoint"] = str(checkpoint)
+    report["checkpoint"] = str(checkpoint.resolve())  # resolves from any directory
     report["remote_code_files"] = sorted(p.name for p in checkpoint.glob("*.py"))
     steps.update()
 
