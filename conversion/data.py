@@ -72,6 +72,8 @@ def token_stream(
             bar.update(min(len(ids), max_tokens or len(ids)) - min(before, max_tokens or before))
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
+        bar.total = bar.n  # the texts may end before max_tokens: the bar still ends at 100%
+        bar.refresh()
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
