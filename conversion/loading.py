@@ -5,7 +5,7 @@ refused rather than unpickled. The architecture is checked from config.json befo
 is read, and the tokenizer must fit the model's embedding table. Weights that lack a tensor are
 refused by name (transformers would initialize it at random and only log it). A name that is
 neither a local folder nor shaped like a Hub id is refused as a missing folder, without a network
-call. Every error is a ``hf_linattn.errors.InputError``.
+call. Each refusal is an ``hf_linattn.errors.InputError``.
 """
 
 from __future__ import annotations
