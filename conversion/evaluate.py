@@ -129,6 +129,9 @@ def evaluate_checkpoint(
     check_tokenizer(tokenizer, model.config.vocab_size, model_path)
     texts = [t for _, t in read_text_sources(eval_data, "--eval-data")] if eval_data else heldout_texts()
     held = token_stream(tokenizer, texts, eval_tokens, progress, "tokenizing held-out")
+    if held.numel() < seq_len:
+        count = held.numel()
+        raise DataError(f"{count} held-out tokens (--eval-tokens, --eval-data) fill no window of --seq-len {seq_len}")
     report: dict = {"model": model_path, "heldout_tokens": held.numel(), "seq_len": seq_len,
                     "eval_data": eval_data or "embedded heldout.txt"}  # fmt: skip
     report["perplexity"] = round(perplexity(model, held, seq_len, batch_size, progress=progress, desc="model ppl"), 4)

@@ -84,6 +84,15 @@ def test_missing_local_base_is_a_missing_folder_not_a_hub_id(base, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_eval_window_longer_than_the_held_out_tokens_is_one_line(tmp_path):
+    from hf_linattn.assets import TEACHER_DIR
+
+    result = run_cli("eval", TEACHER_DIR, "--eval-tokens", "100", "--seq-len", "512", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "100 held-out tokens", "--seq-len 512")
+    assert not any(tmp_path.iterdir())
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("--debug", "convert", "nope-folder", "--output", "out", cwd=tmp_path)
     assert result.returncode == 1

@@ -100,6 +100,13 @@ def test_cli_push_rerenders_the_card_for_the_repo(exported, monkeypatch):
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
 
 
+def test_report_name_matches_the_conversion():
+    from hf_linattn.conversion.output import REPORT_NAME
+    from hf_linattn.hub_cards.push import REPORT_NAME as PUSHED_REPORT_NAME
+
+    assert PUSHED_REPORT_NAME == REPORT_NAME
+
+
 def test_failed_upload_changes_nothing_local(exported, monkeypatch, capsys):
     (exported / "README.md").write_text("the user's own card")
     before = snapshot(exported)
