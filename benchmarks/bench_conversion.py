@@ -65,7 +65,8 @@ def main() -> int:
             agreement_prompts=2 if args.quick else 8, max_train_tokens=100_000 if args.quick else 4_000_000, **spec,
         )  # fmt: skip
         start = time.time()
-        report = convert(args.output_dir / name, recipe, progress=not args.no_progress)
+        # restart: a measurement converts from scratch, also over an earlier run of the same recipe
+        report = convert(args.output_dir / name, recipe, restart=True, progress=not args.no_progress)
         results[name] = {
             "teacher_perplexity": report["teacher_perplexity"],
             "student_perplexity": report["student_perplexity"],

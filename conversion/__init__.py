@@ -3,15 +3,18 @@
 The parts, one file each: base loading with input checks (``loading.py``), weight transfer
 (``transfer.py``), stage-1 attention transfer (``attention_transfer.py``), stage-2 PEFT LoRA
 recovery (``lora.py``), hybrid layer selection (``selection.py``), data (``data.py``), resumable
-training state (``checkpoint.py``, ``training.py``), evaluation (``evaluate.py``, ``lm_eval_task.py``)
-and the whole resumable run behind ``hf-linattn convert`` (``pipeline.py``).
+training state (``checkpoint.py``, ``training.py``), evaluation (``evaluate.py``, ``lm_eval_task.py``),
+what an output folder may be replaced by (``output.py``) and the whole resumable run behind
+``hf-linattn convert`` (``pipeline.py``).
 """
 
 from .attention_transfer import attention_transfer, layer_errors
+from .data import DataError
 from .evaluate import evaluate_checkpoint, greedy_agreement, perplexity
-from .loading import MissingCheckpointFileError, TokenizerMismatchError, load_base
+from .loading import IncompleteWeightsError, MissingCheckpointFileError, TokenizerMismatchError, load_base
 from .lora import lora_recover, recovery_loss
-from .pipeline import ConversionRecipe, RecipeMismatchError, convert
+from .output import RecipeMismatchError
+from .pipeline import ConversionRecipe, RecipeError, convert
 from .selection import hybrid_layer_types, select_softmax_layers
 from .training import NonFiniteLossError
 from .transfer import (
@@ -25,8 +28,11 @@ from .transfer import (
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ConversionRecipe",
+    "DataError",
+    "IncompleteWeightsError",
     "MissingCheckpointFileError",
     "NonFiniteLossError",
+    "RecipeError",
     "RecipeMismatchError",
     "TokenizerMismatchError",
     "UnsupportedBaseModelError",

@@ -6,17 +6,33 @@ moment (kill -9 included) leaves either the previous state or the new one, never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from hf_linattn.errors import StateFileError, one_line
+
+RESTART_HINT = "pass --restart to discard the unfinished conversion"
+
+
+@contextlib.contextmanager
+def reading_state(path: Path) -> Iterator[None]:
+    """Turn a damaged (truncated, edited) state file into one StateFileError that names it and the fix."""
+    try:
+        yield
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+        raise StateFileError(f"{path} is damaged ({one_line(err)}); {RESTART_HINT}") from err
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file through a temporary file and a rename: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
@@ -51,13 +67,13 @@ class StageCheckpoint:
         """Load a saved state into ``params`` and ``optimizer``; returns (steps done, loss history). (0, []) if none."""
         if not self.path.exists():
             return 0, []
-        with safe_open(str(self.path), framework="pt") as f:
+        with reading_state(self.path), safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata()
             names = json.loads(meta["param_names"])
             if names != list(params):
-                raise ValueError(
+                raise StateFileError(
                     f"{self.path} holds parameters for another setup ({len(names)} saved, {len(params)} now); "
-                    "remove it or use a fresh --output"
+                    f"{RESTART_HINT}"
                 )
             with torch.no_grad():
                 for name, p in params.items():

@@ -10,54 +10,85 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from hf_linattn.errors import InputError
+
+
+class DataError(InputError, ValueError):
+    """A text source cannot be read: missing, empty of text files, or not UTF-8."""
+
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java"}
 
 
-def read_text_sources(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
-    """(name, text) of every file: a path is a text file or a folder searched recursively for text suffixes."""
+def read_text_sources(paths: Iterable[str | Path], flag: str = "--data") -> list[tuple[str, str]]:
+    """(name, text) of every file: a path is a text file or a folder searched recursively for text suffixes.
+
+    ``flag`` names the option the paths came from, in error messages.
+    """
     documents = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise FileNotFoundError(f"--data {path}: no such file or folder")
+            raise DataError(f"{flag} {path}: no such file or folder")
         files = [path]
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
             suffixes = ", ".join(sorted(TEXT_SUFFIXES))
-            raise FileNotFoundError(f"--data {path}: the folder holds no text files ({suffixes})")
+            raise DataError(f"{flag} {path}: the folder holds no text files ({suffixes})")
         for file in files:
             try:
                 text = file.read_text(encoding="utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"--data {file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                raise DataError(f"{flag} {file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if text:
                 documents.append((str(file), text))
     return documents
 
 
 def token_stream(
-    tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], max_tokens: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_tokens: int | None = None,
+    progress: bool = False,
+    desc: str = "tokenizing",
 ) -> torch.Tensor:
-    """Documents joined into one stream [N], each followed by EOS; stops once ``max_tokens`` are reached."""
+    """Documents joined into one stream [N], each followed by EOS; stops once ``max_tokens`` are reached.
+
+    With ``progress``, a bar counts tokens (up to ``max_tokens``): tokenizing the default corpus takes seconds.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos token to separate documents")
     ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        ids.append(eos)
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
+    with tqdm(total=max_tokens, desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+        for text in texts:
+            before = len(ids)
+            ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            ids.append(eos)
+            bar.update(min(len(ids), max_tokens or len(ids)) - min(before, max_tokens or before))
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        bar.total = bar.n  # the texts may end before max_tokens: the bar still ends at 100%
+        bar.refresh()
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def check_training_tokens(tokens: torch.Tensor, seq_len: int) -> None:
+    """Raise DataError unless ``tokens`` holds more than one training window of ``seq_len``."""
+    if tokens.numel() <= seq_len + 1:
+        raise DataError(
+            f"the training data has {tokens.numel()} tokens; one window of --seq-len {seq_len} needs {seq_len + 2}: "
+            "give more --data or a smaller --seq-len"
+        )
 
 
 def batch_for_step(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """The global batch [batch_size, seq_len] of ``step``: random windows of ``tokens`` chosen by (seed, step)."""
-    if tokens.numel() <= seq_len + 1:
-        raise ValueError(f"the training data has {tokens.numel()} tokens; one window needs {seq_len + 1}")
+    check_training_tokens(tokens, seq_len)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])

@@ -98,35 +98,47 @@ def evaluate_checkpoint(
 ) -> dict:
     """``hf-linattn eval``: held-out perplexity of a checkpoint and, with a teacher, its perplexity and agreement.
 
-    Any causal LM folder loads (ours through trust_remote_code); the teacher must share the tokenizer.
+    Any causal LM folder or Hub id loads (ours through trust_remote_code); the teacher must share the
+    tokenizer. The report stores absolute paths (or Hub ids), so it means the same from any directory.
     """
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from hf_linattn.assets import heldout_texts
 
-    from .data import read_text_sources, token_stream
-    from .loading import check_checkpoint_dir, check_same_tokenizer, check_tokenizer
-
-    paths = [model_path] + ([teacher_path] if teacher_path else [])
-    for path in paths:
-        if Path(path).exists():
-            check_checkpoint_dir(Path(path))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, trust_remote_code=True, dtype=torch.float32, use_safetensors=True
+    from .data import DataError, read_text_sources, token_stream
+    from .loading import (
+        check_checkpoint_dir,
+        check_same_tokenizer,
+        check_tokenizer,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_source,
     )
+
+    model_path = resolve_source(model_path, "model")
+    teacher_path = resolve_source(teacher_path, "--teacher") if teacher_path else None
+    for path in filter(None, (model_path, teacher_path)):
+        if Path(path).is_dir():
+            check_checkpoint_dir(Path(path))
+    for path in eval_data or []:
+        if not Path(path).exists():
+            raise DataError(f"--eval-data {path}: no such file or folder")
+    eval_data = [str(Path(p).resolve()) for p in eval_data or []]
+    tokenizer = load_tokenizer(model_path, "save the tokenizer of its base model into it")
+    model = load_causal_lm(model_path, trust_remote_code=True)
     check_tokenizer(tokenizer, model.config.vocab_size, model_path)
-    texts = [t for _, t in read_text_sources(eval_data)] if eval_data else heldout_texts()
-    held = token_stream(tokenizer, texts, max_tokens=eval_tokens)
+    texts = [t for _, t in read_text_sources(eval_data, "--eval-data")] if eval_data else heldout_texts()
+    held = token_stream(tokenizer, texts, eval_tokens, progress, "tokenizing held-out")
+    if held.numel() < seq_len:
+        count = held.numel()
+        raise DataError(f"{count} held-out tokens (--eval-tokens, --eval-data) fill no window of --seq-len {seq_len}")
     report: dict = {"model": model_path, "heldout_tokens": held.numel(), "seq_len": seq_len,
                     "eval_data": eval_data or "embedded heldout.txt"}  # fmt: skip
     report["perplexity"] = round(perplexity(model, held, seq_len, batch_size, progress=progress, desc="model ppl"), 4)
     if teacher_path:
-        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(teacher_path), f"{model_path} vs {teacher_path}")
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path, trust_remote_code=True, dtype=torch.float32,
-                                                       use_safetensors=True)  # fmt: skip
+        teacher_tokenizer = load_tokenizer(teacher_path, "pass a --teacher that has its tokenizer files")
+        check_same_tokenizer(tokenizer, teacher_tokenizer, f"{model_path} vs {teacher_path}")
+        teacher = load_causal_lm(teacher_path, trust_remote_code=True)
         report["teacher"] = teacher_path
         report["teacher_perplexity"] = round(
             perplexity(teacher, held, seq_len, batch_size, progress=progress, desc="teacher ppl"), 4

@@ -1,6 +1,8 @@
 """The whole conversion: load, stage 1, layer selection, stage 2, save, evaluate, report; resumable.
 
-``convert`` is what ``hf-linattn convert`` runs. Its state lives in ``OUTPUT/.conversion/``:
+``convert`` is what ``hf-linattn convert`` runs. It builds the output in ``OUTPUT.partial/`` and
+renames it to ``OUTPUT`` when everything is written (``output.py`` decides what may be replaced).
+The resumable state lives in ``OUTPUT.partial/.conversion/``:
 
 - ``recipe.json``: the run's recipe; a rerun with another recipe is refused instead of mixing runs;
 - ``stage1.safetensors`` / ``stage2.safetensors``: training state saved every ``checkpoint_every`` steps;
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,30 +28,37 @@ from accelerate.utils import DistributedDataParallelKwargs
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_linattn.errors import InputError
+from hf_linattn.fileio import atomic_write_json, read_json_state
 from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnForCausalLM
 
 from .attention_transfer import TRANSFERRED, attention_transfer, layer_errors
-from .checkpoint import StageCheckpoint, atomic_save
-from .data import batch_for_step, read_text_sources, token_stream
+from .checkpoint import StageCheckpoint, atomic_save, reading_state
+from .data import DataError, batch_for_step, check_training_tokens, read_text_sources, token_stream
 from .evaluate import greedy_agreement, perplexity, windows
-from .loading import load_base
+from .loading import load_base, resolve_source
 from .lora import LOSSES, lora_recover
+from .output import REPORT_NAME, WORK_DIR, RecipeMismatchError, finalize, plan_output, prepare_build
 from .selection import hybrid_layer_types, select_softmax_layers
 from .transfer import linearize
 
-WORK_DIR = ".conversion"
-REPORT_NAME = "conversion_report.json"
+EMBEDDED_TEACHER = "embedded-teacher"
 
 
-class RecipeMismatchError(ValueError):
-    """The output folder holds an unfinished conversion with a different recipe."""
+class RecipeError(InputError, ValueError):
+    """A recipe setting is out of range; the message names the command-line flag."""
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass
 class ConversionRecipe:
     """Everything that determines a conversion's result (saved in the report and the model card)."""
 
-    base: str = "embedded-teacher"
+    base: str = EMBEDDED_TEACHER
+    tokenizer: str | None = None
     mode: str = "rdn"
     keep_softmax: int = 0
     keep_softmax_layers: list[int] | None = None
@@ -74,24 +83,55 @@ class ConversionRecipe:
     checkpoint_every: int = 25
 
     def check(self) -> None:
+        """Raise RecipeError (naming the flag) for a setting out of range."""
         if self.mode not in LINEAR_LAYER_TYPES:
-            raise ValueError(f"unknown mode {self.mode!r}; expected one of {LINEAR_LAYER_TYPES}")
+            raise RecipeError(f"--mode {self.mode!r}: expected one of {', '.join(LINEAR_LAYER_TYPES)}")
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+            raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.keep_softmax and self.keep_softmax_layers is not None:
-            raise ValueError("give --keep-softmax N or --keep-softmax-layers i,j, not both")
-        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax"):
+            raise RecipeError("give --keep-softmax N or --keep-softmax-layers i,j, not both")
+        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "agreement_prompts"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens"):
+                raise RecipeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens", "max_train_tokens", "lora_rank"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise RecipeError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.eval_tokens < self.seq_len:
+            raise RecipeError(f"--eval-tokens {self.eval_tokens} must be at least --seq-len {self.seq_len}")
+        for name in ("attention_transfer_lr", "lora_lr", "residual_clip"):
+            if not getattr(self, name) > 0:
+                raise RecipeError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+
+    def resolved(self) -> ConversionRecipe:
+        """A copy whose paths resolve from any directory: local paths made absolute, Hub ids as given.
+
+        A local-looking base or tokenizer that does not exist is refused here, before any work.
+        """
+        base = self.base if self.base == EMBEDDED_TEACHER else resolve_source(self.base, "base checkpoint")
+        tokenizer = resolve_source(self.tokenizer, "--tokenizer") if self.tokenizer else None
+        return dataclasses.replace(
+            self, base=base, tokenizer=tokenizer, data=[_text_source(p, "--data") for p in self.data],
+            eval_data=[_text_source(p, "--eval-data") for p in self.eval_data],
+        )  # fmt: skip
+
+    def local_inputs(self) -> list[tuple[str, Path]]:
+        """(label, path) of every local file or folder the run reads: the output must hold none of them."""
+        inputs = [("base checkpoint", self.base), ("--tokenizer folder", self.tokenizer)]
+        inputs += [("--data source", p) for p in self.data] + [("--eval-data source", p) for p in self.eval_data]
+        return [(label, Path(p)) for label, p in inputs if p and p != EMBEDDED_TEACHER and Path(p).exists()]
+
+
+def _text_source(path: str, flag: str) -> str:
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise DataError(f"{flag} {path}: no such file or folder")
+    return str(local.resolve())
 
 
 def _embedded(base: str) -> Path | None:
     from hf_linattn.assets import TEACHER_DIR
 
-    return TEACHER_DIR if base == "embedded-teacher" else None
+    return TEACHER_DIR if base == EMBEDDED_TEACHER else None
 
 
 def resolve_base(base: str) -> str:
@@ -100,36 +140,16 @@ def resolve_base(base: str) -> str:
 
 
 def train_and_eval_tokens(
-    recipe: ConversionRecipe, tokenizer: PreTrainedTokenizerBase
+    recipe: ConversionRecipe, tokenizer: PreTrainedTokenizerBase, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training stream (``--data``, else the stdlib corpus) and held-out stream (``--eval-data``, else heldout.txt)."""
     from hf_linattn.assets import heldout_texts, training_texts
 
     train_texts = [t for _, t in read_text_sources(recipe.data)] if recipe.data else training_texts()
-    eval_texts = [t for _, t in read_text_sources(recipe.eval_data)] if recipe.eval_data else heldout_texts()
-    train = token_stream(tokenizer, train_texts, max_tokens=recipe.max_train_tokens)
-    held = token_stream(tokenizer, eval_texts, max_tokens=recipe.eval_tokens)
+    eval_texts = [t for _, t in read_text_sources(recipe.eval_data, "--eval-data")] if recipe.eval_data else None
+    train = token_stream(tokenizer, train_texts, recipe.max_train_tokens, progress, "tokenizing training text")
+    held = token_stream(tokenizer, eval_texts or heldout_texts(), recipe.eval_tokens, progress, "tokenizing held-out")
     return train, held
-
-
-def _open_work_dir(output: Path, recipe: ConversionRecipe, restart: bool, main: bool) -> Path:
-    work = output / WORK_DIR
-    saved = work / "recipe.json"
-    mine = dataclasses.asdict(recipe)
-    if restart and main and work.exists():
-        shutil.rmtree(work)
-    if saved.exists():
-        theirs = json.loads(saved.read_text())
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise RecipeMismatchError(
-                f"{output} holds an unfinished conversion with another recipe (saved vs now: {diff}); "
-                "rerun with the same settings to resume, pass --restart to discard it, or pick another --output"
-            )
-    elif main:
-        work.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(mine, indent=2))
-    return work
 
 
 def _new_piece_names(model: LinAttnForCausalLM) -> list[str]:
@@ -164,7 +184,7 @@ def run_stage1(
     """Attention transfer with every layer linear. Returns (new pieces by name, per-layer errors, losses)."""
     done = work / "stage1_done.safetensors"
     if done.exists():
-        with safe_open(str(done), framework="pt") as f:
+        with reading_state(done), safe_open(str(done), framework="pt") as f:
             meta = f.metadata()
             return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["errors"]), json.loads(meta["losses"])  # noqa: SIM118
     n = base.config.num_hidden_layers
@@ -194,34 +214,74 @@ def choose_softmax_layers(recipe: ConversionRecipe, errors: list[float]) -> list
     return select_softmax_layers(dict(enumerate(errors)), recipe.keep_softmax)
 
 
+def _say(progress: bool, text: str) -> None:
+    """A phase message on stderr (silenced with the bars by --no-progress)."""
+    if progress:
+        print(f"hf-linattn: {text}", file=sys.stderr, flush=True)
+
+
 def convert(
     output: Path,
     recipe: ConversionRecipe,
-    tokenizer_path: str | None = None,
     restart: bool = False,
+    overwrite: bool = False,
     accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run (or resume) a conversion into ``output``; returns the report (also written as conversion_report.json)."""
+    """Run (or resume) a conversion into ``output``; returns the report (also written as conversion_report.json).
+
+    restart: discard an unfinished run (``output.partial``) and replace a finished one at the end.
+    overwrite: allow replacing an ``output`` folder that holds something other than a conversion.
+    Nothing in ``output`` changes before the new checkpoint is complete. Other processes of a
+    multi-process run return an empty dict.
+    """
+    recipe = recipe.resolved()
     recipe.check()
+    mine = dataclasses.asdict(recipe)
     # Not every mode uses every gate (gla has no beta), so DDP must tolerate parameters without gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     main = accelerator.is_main_process
-    output = Path(output)
+    progress = progress and main
+    plan = plan_output(output, mine, recipe.local_inputs(), restart=restart, overwrite=overwrite)
+    if plan.action == "done":
+        if main:
+            print(f"hf-linattn: {plan.target} already holds this conversion; nothing to do "
+                  "(pass --restart to run it again)", file=sys.stderr)  # fmt: skip
+        return _read_report(plan.target) if main else {}
+    if plan.action == "finalize":  # an earlier run wrote everything and stopped before the rename
+        accelerator.wait_for_everyone()
+        if main:
+            _say(progress, f"finishing the interrupted run in {plan.build}")
+            finalize(plan, mine)
+        accelerator.wait_for_everyone()
+        return _read_report(plan.target) if main else {}
     started = time.time()
-    base, tokenizer, stored_dtype = load_base(resolve_base(recipe.base), tokenizer_path)
+    build, work = plan.build, plan.work
+    _say(progress, f"loading {recipe.base}")
+    base, tokenizer, stored_dtype = load_base(resolve_base(recipe.base), recipe.tokenizer)
     base.to(accelerator.device)
     n = base.config.num_hidden_layers
-    if recipe.keep_softmax_layers is not None:
-        hybrid_layer_types(base.config, recipe.mode, recipe.keep_softmax_layers)  # range check before any work
+    bad = [i for i in recipe.keep_softmax_layers or [] if not 0 <= i < n]
+    if bad:
+        raise RecipeError(f"--keep-softmax-layers: layer indices {bad} are out of range for the base's {n} layers")
     if recipe.keep_softmax > n:
-        raise ValueError(f"--keep-softmax {recipe.keep_softmax} exceeds the base model's {n} layers")
+        raise RecipeError(f"--keep-softmax {recipe.keep_softmax} exceeds the base model's {n} layers")
     if recipe.batch_size % accelerator.num_processes:
-        raise ValueError(f"batch size {recipe.batch_size} does not split over {accelerator.num_processes} processes")
-    work = _open_work_dir(output, recipe, restart, main)
+        raise RecipeError(f"--batch-size {recipe.batch_size} does not split over {accelerator.num_processes} processes")
+    train, held = train_and_eval_tokens(recipe, tokenizer, progress)
+    check_training_tokens(train, recipe.seq_len)
+    if held.numel() < recipe.seq_len:
+        count = held.numel()
+        raise DataError(f"the held-out text has {count} tokens: less than one window of --seq-len {recipe.seq_len}")
+    # Every input is checked: only now does anything get written. Every process has read the
+    # folders (plan_output) before the main one changes them.
     accelerator.wait_for_everyone()
-    train, held = train_and_eval_tokens(recipe, tokenizer)
+    if main:
+        prepare_build(plan, mine)
+    accelerator.wait_for_everyone()
+    if plan.action == "resume":
+        _say(progress, f"resuming the unfinished conversion in {build}")
 
     pieces, errors, stage1_losses = run_stage1(base, recipe, train, held, work, accelerator, progress)
     kept = choose_softmax_layers(recipe, errors)
@@ -238,15 +298,16 @@ def convert(
         student, stage2_losses = lora_recover(
             student, batches, recipe.lora_steps, teacher=base, loss=recipe.loss, lr=recipe.lora_lr,
             rank=recipe.lora_rank, alpha=recipe.lora_alpha, include_mlp=recipe.lora_mlp,
-            adapter_dir=output / "lora_adapter", progress=progress, accelerator=accelerator,
+            adapter_dir=build / "lora_adapter", progress=progress, accelerator=accelerator,
             checkpoint=StageCheckpoint(work / "stage2.safetensors", recipe.checkpoint_every),
         )  # fmt: skip
     report: dict = {}
     if main:
-        save_student(student, base, tokenizer, output, stored_dtype)
-        report = evaluate_conversion(output, base, held, recipe, progress)
+        _say(progress, f"saving the checkpoint into {build}")
+        save_student(student, base, tokenizer, build, stored_dtype)
+        report = evaluate_conversion(build, base, held, recipe, progress)
         report.update(
-            recipe=dataclasses.asdict(recipe),
+            recipe=mine,
             base_model_type=base.config.model_type,
             num_layers=n,
             layer_types=layer_types,
@@ -261,12 +322,18 @@ def convert(
             num_processes=accelerator.num_processes,
             seconds=round(time.time() - started, 1),
         )
-        (output / REPORT_NAME).write_text(json.dumps(report, indent=2))
+        atomic_write_json(build / REPORT_NAME, report)
         from hf_linattn.hub_cards import write_model_card
 
-        write_model_card(output, report)
+        write_model_card(build, report)
+        finalize(plan, mine)
+        _say(progress, f"done: {plan.target}")
     accelerator.wait_for_everyone()
     return report
+
+
+def _read_report(folder: Path) -> dict:
+    return read_json_state(folder / REPORT_NAME, "pass --restart to convert again")
 
 
 def save_student(
@@ -298,3 +365,15 @@ def evaluate_conversion(
         "heldout_tokens": min(held.numel(), recipe.eval_tokens),
         "greedy_agreement": agreement,
     }
+
+
+__all__ = [
+    "EMBEDDED_TEACHER",
+    "REPORT_NAME",
+    "WORK_DIR",
+    "ConversionRecipe",
+    "RecipeError",
+    "RecipeMismatchError",
+    "convert",
+    "resolve_base",
+]

@@ -13,10 +13,12 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from hf_linattn.errors import UserError
+
 from .checkpoint import StageCheckpoint
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """A training loss was NaN or inf; the parameters still hold the last good step."""
 
 
@@ -32,7 +34,10 @@ def checked_step(
     if accelerator is not None and accelerator.num_processes > 1:
         value = accelerator.reduce(value.clone(), reduction="mean")
     if not torch.isfinite(value):
-        raise NonFiniteLossError(f"{stage} step {step}: loss is {value.item()}; parameters kept from the step before")
+        raise NonFiniteLossError(
+            f"{stage} step {step}: loss is {value.item()}; parameters kept from the step before "
+            "(a lower learning rate may help)"
+        )
     optimizer.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)

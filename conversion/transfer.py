@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from hf_linattn.errors import InputError
 from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnConfig, LinAttnForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 
-class UnsupportedBaseModelError(ValueError):
+class UnsupportedBaseModelError(InputError, ValueError):
     """The base checkpoint's architecture cannot be linearized."""
 
 

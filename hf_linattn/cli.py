@@ -1,221 +1,253 @@
-"""The ``hf-linattn`` command: ``convert``, ``eval``, ``push`` and ``demo``. Subcommands delegate to the package."""
+"""The hf-linattn command line: argument parsing, dispatch and error reporting.
+
+Only argparse and plain-Python modules are imported here, so ``--help`` and argument errors answer
+without loading torch; each command imports what it needs when it runs (``commands.py``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from .modeling import LAYER_TYPES, LINEAR_LAYER_TYPES
+from hf_linattn import __version__
+from hf_linattn.errors import UserError, one_line
+from hf_linattn.kernels.modes import MODES
+
+# Softmax layer types of LinAttnConfig (hf_linattn.modeling, which loads torch); a test keeps them equal.
+SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
+
+DESCRIPTION = """\
+Residual linear attention (gla, gdn, rla, rdn) for Hugging Face transformers: linearize a Llama,
+Qwen2 or Qwen3 checkpoint, evaluate it, publish it on the Hub.
+
+Errors print one line and exit with status 1 (2 for a bad argument); --debug shows the traceback.
+Run "hf-linattn COMMAND --help" for the options of a command."""
+
+EPILOG = """\
+examples:
+  hf-linattn convert --output outputs/rdn-hybrid --mode rdn --keep-softmax 2
+  hf-linattn eval outputs/rdn-hybrid
+  hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows every default that says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+_count, _positive = _int_at_least(0), _int_at_least(1)
 
 
 def _layer_types(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in LAYER_TYPES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown layer type(s) {bad}; expected a comma list of {LAYER_TYPES}")
+        expected = ", ".join(LAYER_TYPES)
+        raise argparse.ArgumentTypeError(f"unknown layer type(s) {bad}; expected a comma list of {expected}")
     return names
 
 
 def _indices(text: str) -> list[int]:
     try:
-        return sorted({int(t) for t in text.split(",") if t.strip()})
+        indices = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,3; got {text!r}") from None
+    if not indices or indices[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected layer indices >= 0 like 0,3; got {text!r}")
+    return indices
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DEFAULT_LAYER_TYPES, run_demo
-
-    report = run_demo(
-        args.output,
-        layer_types=args.layer_types or DEFAULT_LAYER_TYPES,
-        prompt_length=args.prompt_length,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-    )
-    print(f"layers            : {', '.join(report['layer_types'])}")
-    print(f"parameters        : {report['parameters']:,}")
-    print(f"generated ids     : {report['generated_ids'][:16]} ...")
-    print(f"cached == uncached: {report['cached_equals_uncached']}")
-    print(f"reloaded as       : {report['remote_module']} (without hf_linattn importable)")
-    print(f"remote == local   : {report['remote_equals_local']}")
-    print(f"report            : {Path(args.output) / 'demo_report.json'}")
-    return 0 if report["ok"] else 1
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from .conversion.pipeline import REPORT_NAME, ConversionRecipe, convert
-
-    recipe = ConversionRecipe(
-        base=args.base, mode=args.mode, keep_softmax=args.keep_softmax, keep_softmax_layers=args.keep_softmax_layers,
-        attention_transfer_steps=args.attention_transfer_steps, attention_transfer_lr=args.attention_transfer_lr,
-        lora_steps=args.lora_steps, lora_lr=args.lora_lr, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_mlp=args.lora_mlp, loss=args.loss, batch_size=args.batch_size, seq_len=args.seq_len,
-        linear_use_rotary=args.linear_rotary, residual_clip=args.residual_clip, seed=args.seed,
-        data=[str(p) for p in args.data], max_train_tokens=args.max_train_tokens,
-        eval_data=[str(p) for p in args.eval_data], eval_tokens=args.eval_tokens,
-        agreement_prompts=args.agreement_prompts, checkpoint_every=args.checkpoint_every,
-    )  # fmt: skip
-    report = convert(args.output, recipe, tokenizer_path=args.tokenizer, restart=args.restart,
-                     progress=not args.no_progress)  # fmt: skip
-    if not report:  # not the main process of a multi-process run
-        return 0
-    print(f"layer types        : {', '.join(report['layer_types'])}")
-    print(f"kept softmax layers: {report['kept_softmax_layers'] or 'none'}")
-    print(f"stage-1 errors     : {', '.join(f'{e:.4f}' for e in report['stage1_layer_errors'])}")
-    print(f"teacher perplexity : {report['teacher_perplexity']:.3f}")
-    print(f"student perplexity : {report['student_perplexity']:.3f} ({report['perplexity_ratio']:.3f}x teacher)")
-    print(f"greedy agreement   : {100 * report['greedy_agreement']['token_agreement']:.1f}% of tokens")
-    print(f"checkpoint         : {args.output} (report: {Path(args.output) / REPORT_NAME})")
-    if args.push_to_hub:
-        return _push_folder(args.output, args.push_to_hub, args.private, None)
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from .conversion.evaluate import evaluate_checkpoint
-    from .conversion.pipeline import REPORT_NAME, resolve_base
-
-    teacher = args.teacher
-    conversion_report = Path(args.model) / REPORT_NAME
-    if teacher is None and conversion_report.is_file():
-        teacher = resolve_base(json.loads(conversion_report.read_text())["recipe"]["base"])
-    report = evaluate_checkpoint(
-        args.model, teacher, [str(p) for p in args.eval_data], args.eval_tokens, args.seq_len, args.batch_size,
-        args.agreement_prompts, progress=not args.no_progress,
-    )  # fmt: skip
-    out = args.report or Path(args.model if Path(args.model).is_dir() else ".") / "eval_report.json"
-    Path(out).write_text(json.dumps(report, indent=2))
-    print(f"perplexity         : {report['perplexity']:.3f} on {report['heldout_tokens']} held-out tokens")
-    if teacher:
-        print(f"teacher perplexity : {report['teacher_perplexity']:.3f} ({report['perplexity_ratio']:.3f}x)")
-        agreement = report["greedy_agreement"]
-        print(f"greedy agreement   : {100 * agreement['token_agreement']:.1f}% of tokens, "
-              f"mean agreeing prefix {agreement['mean_agreeing_prefix']:.1f}")  # fmt: skip
-    print(f"report             : {out}")
-    return 0
-
-
-def _push_folder(folder: Path, repo_id: str, private: bool, token: str | None) -> int:
-    from .conversion.pipeline import REPORT_NAME
-    from .hub_cards import push_to_hub, write_model_card
-
-    report = Path(folder) / REPORT_NAME
-    if report.is_file():  # re-render so the card's snippet names the repo
-        write_model_card(folder, json.loads(report.read_text()), repo_id)
-    print(f"pushed             : {push_to_hub(folder, repo_id, private=private, token=token)}")
-    return 0
-
-
-def _push(args: argparse.Namespace) -> int:
-    return _push_folder(args.folder, args.repo_id, args.private, args.token)
-
-
-def _lm_eval_task(args: argparse.Namespace) -> int:
-    from .conversion.lm_eval_task import TASK_NAME, write_lm_eval_task
-
-    path = write_lm_eval_task(args.folder, max_docs=args.max_docs, max_chars=args.max_chars)
-    print(f"task {TASK_NAME}: {path}")
-    print(f"run: lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path {args.folder} "
-          f"--tasks {TASK_NAME} --device cpu --batch_size 1")  # fmt: skip
-    return 0
-
-
-def _push_lookahead(args: argparse.Namespace) -> int:
-    from .hub_cards import push_custom_generate
-
-    print(f"pushed             : {push_custom_generate(args.repo_id, private=args.private, token=args.token)}")
-    print(f"use                : model.generate(ids, custom_generate={args.repo_id!r}, trust_remote_code=True)")
-    return 0
+def _common(progress: bool = True) -> argparse.ArgumentParser:
+    """Options every command takes (defaults suppressed, so the top-level --debug is not reset)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error")  # fmt: skip
+    if progress:
+        parent.add_argument("--no-progress", action="store_true", help="no progress bars or phase messages")
+    return parent
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="linearize a Llama / Qwen2 / Qwen3 checkpoint (default: the embedded teacher)")
-    p.add_argument("base", nargs="?", default="embedded-teacher", help="local folder or hub id (default: %(default)s)")
-    p.add_argument("--output", type=Path, required=True, help="checkpoint folder; also holds the resumable state")
-    p.add_argument("--mode", choices=LINEAR_LAYER_TYPES, default="rdn")
+    p = sub.add_parser(
+        "convert", parents=[_common()], formatter_class=HelpFormatter,
+        help="linearize a Llama / Qwen2 / Qwen3 checkpoint (default: the embedded teacher)",
+        description="Linearize a checkpoint: attention transfer (stage 1), softmax layers kept by their stage-1\n"
+        "error, LoRA recovery (stage 2), evaluation and model card. The output is built in OUTPUT.partial/\n"
+        "and renamed to OUTPUT when complete; rerun the same command to resume an interrupted run.",
+    )  # fmt: skip
+    p.add_argument("base", nargs="?", default="embedded-teacher",
+                   help="local checkpoint folder, Hub id (owner/name) or embedded-teacher")  # fmt: skip
+    p.add_argument("--output", type=Path, required=True,
+                   help="checkpoint folder to create; must be empty, absent or an earlier conversion")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --output that holds something else (its whole content goes)")  # fmt: skip
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished run (OUTPUT.partial) and replace a finished one")  # fmt: skip
+    p.add_argument("--mode", choices=MODES, default="rdn", help="linear-attention mode of the converted layers")
     keep = p.add_mutually_exclusive_group()
-    keep.add_argument("--keep-softmax", type=int, default=0, help="keep the N layers with the highest stage-1 error")
-    keep.add_argument("--keep-softmax-layers", type=_indices, default=None, help="keep these layers, e.g. 0,3")
-    p.add_argument("--attention-transfer-steps", type=int, default=100)
-    p.add_argument("--attention-transfer-lr", type=float, default=1e-2)
-    p.add_argument("--lora-steps", type=int, default=100)
-    p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
+    keep.add_argument("--keep-softmax", type=_count, default=0, metavar="N",
+                      help="keep the N layers with the highest stage-1 error as softmax attention")  # fmt: skip
+    keep.add_argument("--keep-softmax-layers", type=_indices, default=None, metavar="I,J",
+                      help="keep these layers as softmax attention, e.g. 0,3")  # fmt: skip
+    p.add_argument("--attention-transfer-steps", type=_count, default=100, metavar="N", help="stage-1 steps")
+    p.add_argument("--attention-transfer-lr", type=_positive_float, default=1e-2, metavar="LR",
+                   help="stage-1 learning rate")  # fmt: skip
+    p.add_argument("--lora-steps", type=_count, default=100, metavar="N", help="stage-2 (LoRA) steps")
+    p.add_argument("--lora-lr", type=_positive_float, default=1e-3, metavar="LR", help="stage-2 learning rate")
+    p.add_argument("--lora-rank", type=_positive, default=8, metavar="R", help="LoRA rank")
+    p.add_argument("--lora-alpha", type=_positive, default=16, metavar="A", help="LoRA alpha")
     p.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
-    p.add_argument("--loss", choices=["ce", "kl", "ce+kl"], default="kl", help="stage-2 loss")
-    p.add_argument("--batch-size", type=int, default=4, help="global batch (split over processes)")
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--loss", choices=["ce", "kl", "ce+kl"], default="kl",
+                   help="stage-2 loss: next-token CE, KL to the base model, or both")  # fmt: skip
+    p.add_argument("--batch-size", type=_positive, default=4, metavar="B",
+                   help="sequences per step, split over processes")  # fmt: skip
+    p.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
     p.add_argument("--linear-rotary", action=argparse.BooleanOptionalAction, default=False,
-                   help="rotary embeddings on q/k in the linear layers")  # fmt: skip
-    p.add_argument("--residual-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", type=Path, nargs="*", default=[], help="text files or folders (default: stdlib corpus)")
-    p.add_argument("--max-train-tokens", type=int, default=4_000_000)
-    p.add_argument("--eval-data", type=Path, nargs="*", default=[], help="held-out text (default: embedded heldout)")
-    p.add_argument("--eval-tokens", type=int, default=65536)
-    p.add_argument("--agreement-prompts", type=int, default=8)
-    p.add_argument("--checkpoint-every", type=int, default=25, help="save resumable state every N steps")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder, if not the base's own")
-    p.add_argument("--restart", action="store_true", help="discard an unfinished conversion in --output")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the result when done")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_convert)
+                   help="rotary embeddings on q/k in the linear layers (default: off)")  # fmt: skip
+    p.add_argument("--residual-clip", type=_positive_float, default=1.0, metavar="C",
+                   help="clip bound of the residual error in rla and rdn")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
+    p.add_argument("--data", type=Path, nargs="*", default=[], metavar="PATH",
+                   help="training text files or folders (default: the Python standard library source)")  # fmt: skip
+    p.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
+                   help="tokenize at most N training tokens")  # fmt: skip
+    p.add_argument("--eval-data", type=Path, nargs="*", default=[], metavar="PATH",
+                   help="held-out text files or folders (default: the embedded heldout.txt)")  # fmt: skip
+    p.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
+    p.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
+                   help="held-out prompts for greedy agreement with the base")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=_positive, default=25, metavar="N",
+                   help="save the resumable training state every N steps")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
+                   help="tokenizer folder or Hub id, when the base has none")  # fmt: skip
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="push the result to this Hub repo when done")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.set_defaults(handler="convert")
+
+
+def _add_others(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", parents=[_common()], formatter_class=HelpFormatter,
+                        help="held-out perplexity and greedy agreement with a teacher")  # fmt: skip
+    ev.add_argument("model", help="checkpoint folder or Hub id")
+    ev.add_argument("--teacher", default=None, metavar="PATH_OR_ID",
+                    help="model to compare with (default: the base in the model's conversion report)")  # fmt: skip
+    ev.add_argument("--eval-data", type=Path, nargs="*", default=[], metavar="PATH",
+                    help="held-out text files or folders (default: the embedded heldout.txt)")  # fmt: skip
+    ev.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
+    ev.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per evaluation window")
+    ev.add_argument("--batch-size", type=_positive, default=4, metavar="B", help="windows per forward pass")
+    ev.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
+                    help="held-out prompts for greedy agreement with the teacher")  # fmt: skip
+    ev.add_argument("--report", type=Path, default=None, help="JSON report path (default: MODEL/eval_report.json)")
+    ev.set_defaults(handler="evaluate")
+
+    push = sub.add_parser("push", parents=[_common()], formatter_class=HelpFormatter,
+                          help="push a converted checkpoint folder to the Hub")  # fmt: skip
+    push.add_argument("folder", type=Path, help="converted checkpoint folder")
+    push.add_argument("--repo-id", required=True, help="Hub repo to create or update, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--token", default=None, help="Hub token (default: the one saved by hf auth login)")
+    push.set_defaults(handler="push")
+
+    look = sub.add_parser("push-lookahead", parents=[_common()], formatter_class=HelpFormatter,
+                          help="push the lookahead custom_generate folder to a Hub repo")  # fmt: skip
+    look.add_argument("--repo-id", required=True, help="Hub repo to create or update, owner/name")
+    look.add_argument("--private", action="store_true", help="create the repo private")
+    look.add_argument("--token", default=None, help="Hub token (default: the one saved by hf auth login)")
+    look.set_defaults(handler="push_lookahead")
+
+    task = sub.add_parser("lm-eval-task", parents=[_common(progress=False)], formatter_class=HelpFormatter,
+                          help="write a local lm-evaluation-harness task over the held-out text")  # fmt: skip
+    task.add_argument("folder", type=Path, help="folder for the task files (pass it to lm_eval --include_path)")
+    task.add_argument("--max-docs", type=_positive, default=16, metavar="N", help="held-out documents in the task")
+    task.add_argument("--max-chars", type=_positive, default=2000, metavar="N", help="characters per document")
+    task.set_defaults(handler="lm_eval_task")
+
+    demo = sub.add_parser("demo", parents=[_common()], formatter_class=HelpFormatter,
+                          help="build a tiny hybrid model, generate, save, reload as remote code")  # fmt: skip
+    demo.add_argument("--output", type=Path, default=Path("outputs/demo"), help="folder for checkpoint and report")
+    demo.add_argument("--layer-types", type=_layer_types, default=None, metavar="T,T,...",
+                      help=f"comma list of {', '.join(LAYER_TYPES)} (default: a mix of all)")  # fmt: skip
+    demo.add_argument("--prompt-length", type=_positive, default=48, metavar="N", help="random prompt tokens")
+    demo.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random model and prompt")
+    demo.set_defaults(handler="demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-linattn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The hf-linattn parser; every subcommand sets ``handler``, the name of its function in commands.py."""
+    parser = argparse.ArgumentParser(prog="hf-linattn", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
-
-    ev = sub.add_parser("eval", help="held-out perplexity and greedy agreement with a teacher")
-    ev.add_argument("model", help="checkpoint folder or hub id")
-    ev.add_argument("--teacher", default=None, help="default: the base named in the model's conversion report")
-    ev.add_argument("--eval-data", type=Path, nargs="*", default=[])
-    ev.add_argument("--eval-tokens", type=int, default=65536)
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--agreement-prompts", type=int, default=8)
-    ev.add_argument("--report", type=Path, default=None, help="JSON path (default: MODEL/eval_report.json)")
-    ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(func=_eval)
-
-    push = sub.add_parser("push", help="push a converted checkpoint folder to the Hub")
-    push.add_argument("folder", type=Path)
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--token", default=None)
-    push.set_defaults(func=_push)
-
-    look = sub.add_parser("push-lookahead", help="push the lookahead custom_generate folder to a Hub repo")
-    look.add_argument("--repo-id", required=True)
-    look.add_argument("--private", action="store_true")
-    look.add_argument("--token", default=None)
-    look.set_defaults(func=_push_lookahead)
-
-    task = sub.add_parser("lm-eval-task", help="write a local lm-evaluation-harness task over the held-out text")
-    task.add_argument("folder", type=Path)
-    task.add_argument("--max-docs", type=int, default=16)
-    task.add_argument("--max-chars", type=int, default=2000)
-    task.set_defaults(func=_lm_eval_task)
-
-    demo = sub.add_parser("demo", help="build a tiny hybrid model, generate, save, reload through trust_remote_code")
-    demo.add_argument("--output", type=Path, default=Path("outputs/demo"), help="folder for checkpoint and report")
-    demo.add_argument("--layer-types", type=_layer_types, default=None, help="comma list, e.g. rdn,rdn,full_attention")
-    demo.add_argument("--prompt-length", type=int, default=48)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    _add_others(sub)
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    print(f"hf-linattn: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status. Errors print one line unless --debug (then they raise)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from hf_linattn import commands  # after parsing: --help and bad arguments never load it
+
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:  # the libraries' deprecation notices are for developers, not for CLI users
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+            return getattr(commands, args.handler)(args)
+    except UserError as err:
+        if args.debug:
+            raise
+        return _fail(str(err), 1)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        resume = "; rerun the same command to resume" if args.command == "convert" else ""
+        return _fail(f"interrupted{resume}", 130)
+    except Exception as err:  # a bug or an environment problem: still one line, the traceback on demand
+        if args.debug:
+            raise
+        return _fail(f"unexpected {type(err).__name__}: {one_line(err)} (rerun with --debug for the traceback)", 1)
 
 
 if __name__ == "__main__":

@@ -68,13 +68,14 @@ def run_demo(
     prompt_length: int = 48,
     max_new_tokens: int = 32,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Build, generate, save, reload without the package; write ``demo_report.json`` into ``output``."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     report: dict = {"layer_types": layer_types, "seed": seed}
-    steps = tqdm(total=4, desc="demo", unit="step")
+    steps = tqdm(total=4, desc="demo", unit="step", disable=not progress)
 
     config = LinAttnConfig(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -97,7 +98,7 @@ def run_demo(
 
     checkpoint = output / "checkpoint"
     model.save_pretrained(checkpoint)
-    report["checkpoint"] = str(checkpoint)
+    report["checkpoint"] = str(checkpoint.resolve())  # resolves from any directory
     report["remote_code_files"] = sorted(p.name for p in checkpoint.glob("*.py"))
     steps.update()
 

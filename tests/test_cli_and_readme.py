@@ -26,6 +26,7 @@ def test_demo_generates_saves_and_reloads_without_the_package(tmp_path, capsys):
     assert report["layer_types"] == ["rdn", "full_attention", "gla"]
     assert len(report["generated_ids"]) == 12
     assert report["remote_module"].startswith("transformers_modules")
+    assert Path(report["checkpoint"]).is_absolute() and Path(report["checkpoint"]).is_dir()
     assert "remote == local   : True" in capsys.readouterr().out
 
 

@@ -32,6 +32,14 @@ def test_bench_ops_reports_speedups_and_residual_costs(tmp_path):
     assert set(results["residual_over_base"]) == {"rla/gla", "rdn/gdn"}
 
 
+def test_bench_cli_reports_ratios_to_a_bare_python(tmp_path):
+    results = run_quick("bench_cli.py", tmp_path / "cli.json")
+    baseline = "python -c 'import argparse'"
+    assert {baseline, "hf-linattn --help", "argument error: hf-linattn convert --keep-softmax -1"} <= set(results)
+    assert results[baseline]["ratio_to_baseline"] == 1.0
+    assert all(r["ratio_to_baseline"] > 0 and len(r["seconds"]) == 2 for r in results.values())
+
+
 @pytest.mark.slow
 def test_bench_model_reports_prefill_decode_and_cache(tmp_path):
     results = run_quick("bench_model.py", tmp_path / "model.json")

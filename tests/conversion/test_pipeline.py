@@ -76,8 +76,8 @@ def test_explicit_softmax_layers_and_recipe_mismatch_keeps_the_run(tmp_path):
     assert report["layer_types"][0] == report["layer_types"][3] == "full_attention"
     assert report["stage2_losses"] == []
     before = (out / "model.safetensors").read_bytes()
-    with pytest.raises(RecipeMismatchError, match="another recipe"):
-        main(["convert", "--output", str(out), "--mode", "gdn", *TINY])
+    with pytest.raises(RecipeMismatchError, match="finished conversion with another recipe"):
+        main(["--debug", "convert", "--output", str(out), "--mode", "gdn", *TINY])
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -86,7 +86,7 @@ def _interrupted_run(out: Path, kill_when: str) -> None:
     cmd = [sys.executable, "-m", "hf_linattn.cli", "convert", "--output", str(out), "--mode", "rdn",
            "--keep-softmax", "2", *TINY, "--attention-transfer-steps", "12", "--lora-steps", "12"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = out / ".conversion" / kill_when
+    state = out.with_name(out.name + ".partial") / ".conversion" / kill_when
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -126,12 +126,12 @@ def test_kill9_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupte
         torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-# ---- bad input: one clear error each, nothing half-written ----
+# ---- bad input: one clear error each, nothing half-written (the one-line messages: test_cli_outputs.py) ----
 
 
 def test_missing_base_folder(tmp_path):
-    with pytest.raises(MissingCheckpointFileError, match="no such checkpoint folder"):
-        main(["convert", str(tmp_path / "nope"), "--output", str(tmp_path / "out"), *TINY])
+    with pytest.raises(MissingCheckpointFileError, match="no such local folder"):
+        main(["--debug", "convert", str(tmp_path / "nope"), "--output", str(tmp_path / "out"), *TINY])
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
@@ -140,15 +140,15 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
     (base / "config.json").write_text((TEACHER_DIR / "config.json").read_text())
     (base / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(MissingCheckpointFileError, match=r"pytorch_model\.bin.*never loaded"):
-        main(["convert", str(base), "--output", str(tmp_path / "out"), *TINY])
-    assert not (tmp_path / "out").exists()
+        main(["--debug", "convert", str(base), "--output", str(tmp_path / "out"), *TINY])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     base = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(base)
     with pytest.raises(UnsupportedBaseModelError, match="llama, qwen2, qwen3"):
-        main(["convert", str(base), "--output", str(tmp_path / "out"), *TINY])
+        main(["--debug", "convert", str(base), "--output", str(tmp_path / "out"), *TINY])
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
@@ -158,7 +158,7 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     tok.add_tokens([f"<extra_{i}>" for i in range(10)])
     tok.save_pretrained(tmp_path / "tok")
     with pytest.raises(TokenizerMismatchError, match="does not belong to this model"):
-        main(["convert", "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), *TINY])
+        main(["--debug", "convert", "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "out"), *TINY])
 
 
 def test_eval_refuses_a_teacher_with_another_tokenizer(converted, tmp_path):
@@ -171,10 +171,11 @@ def test_eval_refuses_a_teacher_with_another_tokenizer(converted, tmp_path):
     tok.add_tokens(["<other>"])
     tok.save_pretrained(teacher)
     with pytest.raises(TokenizerMismatchError, match="tokenizers differ"):
-        main(["eval", str(out), "--teacher", str(teacher), "--eval-tokens", "256", "--seq-len", "64", "--no-progress"])
+        main(["--debug", "eval", str(out), "--teacher", str(teacher), "--eval-tokens", "256", "--seq-len", "64",
+              "--no-progress"])  # fmt: skip
 
 
 def test_bad_layer_indices_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="out of range"):
-        main(["convert", "--output", str(tmp_path / "out"), "--keep-softmax-layers", "3,8", *TINY])
-    assert not (tmp_path / "out").exists()
+        main(["--debug", "convert", "--output", str(tmp_path / "out"), "--keep-softmax-layers", "3,8", *TINY])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

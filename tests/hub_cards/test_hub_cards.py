@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from hf_linattn.cli import main
 from hf_linattn.hub_cards import IncompleteCheckpointError, check_exportable, push_to_hub, render_model_card
+from tests.clitools import assert_one_line_error, snapshot
 
 REPORT = {
     "teacher_perplexity": 12.3456, "student_perplexity": 13.5, "perplexity_ratio": 1.0935, "heldout_tokens": 4096,
@@ -23,14 +28,22 @@ REPORT = {
 
 
 class RecordingApi:
-    def __init__(self):
+    """Records the calls and, at upload time, what the uploaded folder holds (it is a temporary staging copy)."""
+
+    def __init__(self, fail_upload: bool = False):
         self.calls = []
+        self.uploaded: dict[str, bytes] = {}
+        self.fail_upload = fail_upload
 
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
 
     def upload_folder(self, **kwargs):
         self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        root = Path(kwargs["folder_path"])
+        self.uploaded = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        if self.fail_upload:
+            raise ConnectionError("the Hub is unreachable")
         return "https://huggingface.co/me/model/commit/abc"
 
 
@@ -70,8 +83,13 @@ def test_push_uploads_the_checkpoint_without_training_state(exported):
     assert url.endswith("/commit/abc")
     (kind0, repo0, kw0), (kind1, _, kw1) = api.calls
     assert (kind0, repo0, kw0["private"], kw0["exist_ok"]) == ("create_repo", "me/tiny", True, True)
-    assert kind1 == "upload_folder" and kw1["folder_path"] == str(exported)
+    assert kind1 == "upload_folder" and kw1["folder_path"] != str(exported)  # a staging copy
+    assert not Path(kw1["folder_path"]).exists()  # removed afterwards
     assert ".conversion/*" in kw1["ignore_patterns"]
+    assert not any(name.startswith(".conversion") for name in api.uploaded)
+    expected = {p.relative_to(exported).as_posix(): p.read_bytes() for p in exported.glob("*") if p.is_file()}
+    assert api.uploaded == expected  # every file, the card rendered for the repo (now also written locally)
+    assert b'"me/tiny", trust_remote_code=True' in api.uploaded["README.md"]
 
 
 def test_cli_push_rerenders_the_card_for_the_repo(exported, monkeypatch):
@@ -80,6 +98,36 @@ def test_cli_push_rerenders_the_card_for_the_repo(exported, monkeypatch):
     assert main(["push", str(exported), "--repo-id", "me/tiny"]) == 0
     assert '"me/tiny", trust_remote_code=True' in (exported / "README.md").read_text()
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+
+
+def test_report_name_matches_the_conversion():
+    from hf_linattn.conversion.output import REPORT_NAME
+    from hf_linattn.hub_cards.push import REPORT_NAME as PUSHED_REPORT_NAME
+
+    assert PUSHED_REPORT_NAME == REPORT_NAME
+
+
+def test_failed_upload_changes_nothing_local(exported, monkeypatch, capsys):
+    (exported / "README.md").write_text("the user's own card")
+    before = snapshot(exported)
+    api = RecordingApi(fail_upload=True)
+    monkeypatch.setattr("hf_linattn.hub_cards.push.HfApi", lambda token=None: api)
+    assert main(["push", str(exported), "--repo-id", "me/tiny"]) == 1
+    assert b'"me/tiny"' in api.uploaded["README.md"]  # the card was rendered, in the staging copy only
+    assert snapshot(exported) == before
+    assert_one_line_error(capsys.readouterr().err, "uploading to me/tiny failed", "nothing local changed")
+
+
+def test_push_cli_offline_is_one_line_and_leaves_every_byte(exported, tmp_path):
+    """Through the installed command, with the Hub unreachable (offline mode): one line, exit 1, files untouched."""
+    (exported / "README.md").write_text("the user's own card")
+    before = snapshot(exported)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_fake"}
+    result = subprocess.run([sys.executable, "-m", "hf_linattn.cli", "push", str(exported), "--repo-id", "me/tiny"],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result.stderr, "creating me/tiny failed", "nothing local changed")
+    assert snapshot(exported) == before
 
 
 def test_incomplete_folder_is_not_pushed(exported):

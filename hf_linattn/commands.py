@@ -1,0 +1,165 @@
+"""The hf-linattn commands, one function each (``cli.py`` parses the arguments and reports errors).
+
+Each function imports what it needs when it runs, so the parser itself stays free of torch.
+Results go to stdout; progress bars and phase messages go to stderr and ``--no-progress`` turns
+all of them off, transformers' and huggingface_hub's own bars included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from hf_linattn.errors import HubError
+from hf_linattn.fileio import atomic_write_json, read_json_state
+
+
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace, transformers: bool = False) -> Iterator[bool]:
+    """Yield whether to show progress; under --no-progress, also switch off the libraries' bars (restored after)."""
+    if not getattr(args, "no_progress", False):
+        yield True
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    restore = []
+    if not are_progress_bars_disabled():
+        disable_progress_bars()
+        restore.append(enable_progress_bars)
+    if transformers:
+        from transformers.utils import logging as transformers_logging
+
+        if transformers_logging.is_progress_bar_enabled():
+            transformers_logging.disable_progress_bar()
+            restore.append(transformers_logging.enable_progress_bar)
+    try:
+        yield False
+    finally:
+        for undo in restore:
+            undo()
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``hf-linattn convert``: run or resume a conversion, print its summary, push it if asked."""
+    from hf_linattn.conversion.pipeline import REPORT_NAME, ConversionRecipe
+    from hf_linattn.conversion.pipeline import convert as run_conversion
+
+    recipe = ConversionRecipe(
+        base=args.base, tokenizer=args.tokenizer, mode=args.mode, keep_softmax=args.keep_softmax,
+        keep_softmax_layers=args.keep_softmax_layers, attention_transfer_steps=args.attention_transfer_steps,
+        attention_transfer_lr=args.attention_transfer_lr, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_mlp=args.lora_mlp, loss=args.loss,
+        batch_size=args.batch_size, seq_len=args.seq_len, linear_use_rotary=args.linear_rotary,
+        residual_clip=args.residual_clip, seed=args.seed, data=[str(p) for p in args.data],
+        max_train_tokens=args.max_train_tokens, eval_data=[str(p) for p in args.eval_data],
+        eval_tokens=args.eval_tokens, agreement_prompts=args.agreement_prompts,
+        checkpoint_every=args.checkpoint_every,
+    )  # fmt: skip
+    with _progress(args, transformers=True) as progress:
+        report = run_conversion(args.output, recipe, restart=args.restart, overwrite=args.overwrite,
+                                progress=progress)  # fmt: skip
+    if not report:  # not the main process of a multi-process run
+        return 0
+    print(f"layer types        : {', '.join(report['layer_types'])}")
+    print(f"kept softmax layers: {report['kept_softmax_layers'] or 'none'}")
+    print(f"stage-1 errors     : {', '.join(f'{e:.4f}' for e in report['stage1_layer_errors'])}")
+    print(f"teacher perplexity : {report['teacher_perplexity']:.3f}")
+    print(f"student perplexity : {report['student_perplexity']:.3f} ({report['perplexity_ratio']:.3f}x teacher)")
+    print(f"greedy agreement   : {100 * report['greedy_agreement']['token_agreement']:.1f}% of tokens")
+    print(f"checkpoint         : {args.output} (report: {Path(args.output) / REPORT_NAME})")
+    if args.push_to_hub:
+        try:
+            return _push_folder(args.output, args.push_to_hub, args.private, None, args)
+        except HubError as err:
+            raise HubError(f"{err}; the conversion itself is complete: "
+                           f"hf-linattn push {args.output} --repo-id {args.push_to_hub}") from err  # fmt: skip
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``hf-linattn eval``: perplexity (and agreement with a teacher), written as a JSON report."""
+    from hf_linattn.conversion.evaluate import evaluate_checkpoint
+    from hf_linattn.conversion.pipeline import REPORT_NAME, resolve_base
+
+    teacher = args.teacher
+    conversion_report = Path(args.model) / REPORT_NAME
+    if teacher is None and conversion_report.is_file():
+        saved = read_json_state(conversion_report, "pass --teacher, or convert the model again")
+        teacher = resolve_base(saved["recipe"]["base"])
+    with _progress(args, transformers=True) as progress:
+        report = evaluate_checkpoint(
+            args.model, teacher, [str(p) for p in args.eval_data], args.eval_tokens, args.seq_len, args.batch_size,
+            args.agreement_prompts, progress=progress,
+        )  # fmt: skip
+    out = args.report or (Path(args.model) if Path(args.model).is_dir() else Path(".")) / "eval_report.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, report)
+    print(f"perplexity         : {report['perplexity']:.3f} on {report['heldout_tokens']} held-out tokens")
+    if teacher:
+        print(f"teacher perplexity : {report['teacher_perplexity']:.3f} ({report['perplexity_ratio']:.3f}x)")
+        agreement = report["greedy_agreement"]
+        print(f"greedy agreement   : {100 * agreement['token_agreement']:.1f}% of tokens, "
+              f"mean agreeing prefix {agreement['mean_agreeing_prefix']:.1f}")  # fmt: skip
+    print(f"report             : {out}")
+    return 0
+
+
+def _push_folder(folder: Path, repo_id: str, private: bool, token: str | None, args: argparse.Namespace) -> int:
+    from hf_linattn.hub_cards import push_to_hub
+
+    with _progress(args):
+        url = push_to_hub(folder, repo_id, private=private, token=token)
+    print(f"pushed             : {url}")
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    """``hf-linattn push``: upload a converted folder (card rendered for the repo; nothing local changes before)."""
+    return _push_folder(args.folder, args.repo_id, args.private, args.token, args)
+
+
+def push_lookahead(args: argparse.Namespace) -> int:
+    """``hf-linattn push-lookahead``: upload the lookahead-decoding custom_generate folder."""
+    from hf_linattn.hub_cards import push_custom_generate
+
+    with _progress(args):
+        url = push_custom_generate(args.repo_id, private=args.private, token=args.token)
+    print(f"pushed             : {url}")
+    print(f"use                : model.generate(ids, custom_generate={args.repo_id!r}, trust_remote_code=True)")
+    return 0
+
+
+def lm_eval_task(args: argparse.Namespace) -> int:
+    """``hf-linattn lm-eval-task``: write the held-out task files and print the lm_eval command."""
+    from hf_linattn.conversion.lm_eval_task import TASK_NAME, write_lm_eval_task
+
+    path = write_lm_eval_task(args.folder, max_docs=args.max_docs, max_chars=args.max_chars)
+    # the lm_eval of this environment, so the printed command works without an activated venv
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    print(f"task {TASK_NAME}: {path}")
+    print(f"run: {lm_eval if lm_eval.is_file() else 'lm_eval'} --model hf "
+          f"--model_args pretrained=DIR,trust_remote_code=True --include_path {args.folder} "
+          f"--tasks {TASK_NAME} --device cpu --batch_size 1")  # fmt: skip
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``hf-linattn demo``: a tiny hybrid model generates, is saved, and reloads as remote code."""
+    from hf_linattn.demo import DEFAULT_LAYER_TYPES, run_demo
+
+    with _progress(args, transformers=True) as progress:
+        report = run_demo(
+            args.output, layer_types=args.layer_types or DEFAULT_LAYER_TYPES, prompt_length=args.prompt_length,
+            max_new_tokens=args.max_new_tokens, seed=args.seed, progress=progress,
+        )  # fmt: skip
+    print(f"layers            : {', '.join(report['layer_types'])}")
+    print(f"parameters        : {report['parameters']:,}")
+    print(f"generated ids     : {report['generated_ids'][:16]} ...")
+    print(f"cached == uncached: {report['cached_equals_uncached']}")
+    print(f"reloaded as       : {report['remote_module']} (without hf_linattn importable)")
+    print(f"remote == local   : {report['remote_equals_local']}")
+    print(f"report            : {Path(args.output) / 'demo_report.json'}")
+    return 0 if report["ok"] else 1
