@@ -170,7 +170,7 @@ def test_recording_memory_is_the_compact_record():
         model(prompt(1, 4, seed=46), past_key_values=cache, use_cache=True)
         model(prompt(1, 3, seed=47), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
-    S, R = layer.state
+    S, _ = layer.state
     H, K, V = S.shape[1:]
     states = 2 * S.numel() * S.element_size()  # S0 and R0
     per_token = H * (K + 2 * V) * 4 + H * 8  # keys, writes into S and R (fp32), log-decays (fp64)
