@@ -9,8 +9,9 @@ code that loads with ``trust_remote_code=True`` where hf_linattn is not installe
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hf_linattn._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -28,17 +29,7 @@ if TYPE_CHECKING:
     from hf_linattn.modeling import LinAttnCache, LinAttnConfig, LinAttnForCausalLM, LinAttnModel
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_linattn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "LinAttnCache",

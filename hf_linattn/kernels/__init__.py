@@ -9,8 +9,9 @@ not load torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hf_linattn._lazy import lazy_attributes
 
 # public name -> module of this package that defines it
 _LAZY = {
@@ -33,17 +34,7 @@ if TYPE_CHECKING:
     from .recurrent import recurrent_residual_attention
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
 
 __all__ = [
     "BACKENDS",

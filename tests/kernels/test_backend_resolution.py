@@ -82,12 +82,22 @@ def write_fake_triton(root, body: str) -> None:
     (root / "triton" / "__init__.py").write_text(body)
 
 
+def _triton_modules() -> dict:
+    return {name: module for name, module in sys.modules.items() if name == "triton" or name.startswith("triton.")}
+
+
 @pytest.fixture
 def fake_triton_path(monkeypatch, tmp_path):
-    """A folder first on sys.path where a test writes its own ``triton`` package."""
-    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    """A folder first on sys.path where a test writes its own ``triton`` package; afterwards sys.modules holds
+    the real ``triton`` modules again (or none), so that torch.compile in later tests never sees the fake."""
+    saved = _triton_modules()
+    for name in saved:
+        del sys.modules[name]
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    for name in _triton_modules():
+        del sys.modules[name]
+    sys.modules.update(saved)
 
 
 def test_broken_triton_install_does_not_break_auto(fake_triton_path):
