@@ -35,25 +35,30 @@ def decode_step(
     dt = state_dtype(q.dtype)
     B, H, K = q.shape
     V = v.shape[-1]
+
+    def cast(x: torch.Tensor) -> torch.Tensor:  # skips no-op casts: a decode step is dispatch-bound
+        return x if x.dtype == dt else x.to(dt)
+
     S, R = state
-    S = S.to(dt) if S is not None else q.new_zeros(B, H, K, V, dtype=dt)
-    q_t, k_t, v_t = (q.to(dt) * scale)[..., None, :], k.to(dt)[..., None, :], v.to(dt)  # rows: [B, H, 1, K]
-    alpha = g.to(dt).exp()[..., None, None]
+    S = cast(S) if S is not None else q.new_zeros(B, H, K, V, dtype=dt)
+    q_t, k_t, v_t = (cast(q) * scale)[..., None, :], cast(k)[..., None, :], cast(v)  # rows: [B, H, 1, K]
+    alpha = cast(g).exp()[..., None, None]
     S_tilde = alpha * S
     e = v_t - (k_t @ S_tilde).squeeze(-2)
     written = e if is_delta(mode) else v_t
-    S_new = S_tilde + (beta.to(dt)[..., None, None] * k_t.transpose(-1, -2)) * written[..., None, :]
+    S_new = S_tilde + (cast(beta)[..., None, None] * k_t.transpose(-1, -2)) * written[..., None, :]
     if not is_residual(mode):
-        return (q_t @ S_new).squeeze(-2).to(out_dtype), (S_new, None)
-    R = R.to(dt) if R is not None else torch.zeros_like(S)
-    c = gamma.to(dt)[..., None]
+        o = (q_t @ S_new).squeeze(-2)
+        return (o if o.dtype == out_dtype else o.to(out_dtype)), (S_new, None)
+    R = cast(R) if R is not None else torch.zeros_like(S)
+    c = cast(gamma)[..., None]
     R_tilde = alpha * R
     r = e.clamp(-clip, clip)
     if is_delta(mode):
         r = r - (k_t @ R_tilde).squeeze(-2)
     R_new = R_tilde + (c[..., None] * k_t.transpose(-1, -2)) * r[..., None, :]
     o = (q_t @ S_tilde).squeeze(-2) + c * (q_t @ R_new).squeeze(-2)
-    return o.to(out_dtype), (S_new, R_new)
+    return (o if o.dtype == out_dtype else o.to(out_dtype)), (S_new, R_new)
 
 
 __all__ = ["decode_step"]

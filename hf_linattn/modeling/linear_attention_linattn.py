@@ -92,7 +92,9 @@ class LinAttnLinearAttention(nn.Module):
         window = torch.cat([past.to(x.dtype), x], dim=-1)
         if sequence_starts is None and T > BLOCK_CHUNK:
             return self.conv1d(window).transpose(1, 2), window
-        # short blocks (decode and verify steps): a few multiply-adds beat the convolution's setup cost
+        if sequence_starts is None and T == 1:  # a decode step: one multiply and one sum over the taps
+            return (window * self.conv1d.weight[:, 0]).sum(-1)[:, None], window
+        # short blocks (verify steps): a few multiply-adds beat the convolution's setup cost
         weight = self.conv1d.weight[:, 0, :, None]  # [C, conv_size, 1], tap conv_size - 1 is the current token
         segment = None
         if sequence_starts is not None:  # packed rows: a tap that reaches into an earlier sequence reads zero
