@@ -139,8 +139,9 @@ class DraftLengthPolicy:
         self._accepted = self.decay * self._accepted + accepted
         self._trials = self.decay * self._trials + accepted + (1 if accepted < drafted else 0)
 
-    def next_length(self, budget: int) -> int:
-        """K for the next round; ``budget``: the most tokens transformers lets the draft add (max_length cap)."""
+    def next_length(self, budget: int, minimum: int = 0) -> int:
+        """K for the next round; ``budget``: the most tokens transformers lets the draft add (max_length cap);
+        ``minimum``: the least K (1 in a generate() call's first round: the draft must see the prompt then)."""
         cap = min(self.max_tokens, budget)
         timed = sum(len(t) >= self.calibration_timings for t in self.draft_cost.samples.values())
         if cap <= 0:
@@ -162,6 +163,7 @@ class DraftLengthPolicy:
                 self._probes += 1
                 self._probe_length = 1 if self._probes % 2 else min(self.first_length, cap)
                 k, self._probe_left, self._idle_rounds = self._probe_length, 1, 0
+        k = max(k, min(minimum, cap))
         self.history.append(k)
         return k
 
@@ -195,7 +197,8 @@ class AdaptiveCandidateGenerator:
         if self._verify_start is not None and self._timed:
             # previous round's verify forward, acceptance, crop and loop overhead
             self.policy.verify_cost.add(self._drafted, start - self._verify_start)
-        k = self.policy.next_length(self.max_length - input_ids.shape[-1] - 1)
+        # transformers updates the draft's inputs only once it holds a cache: the first round must draft
+        k = self.policy.next_length(self.max_length - input_ids.shape[-1] - 1, minimum=1 if self._rounds == 0 else 0)
         self.inner.num_assistant_tokens = k
         candidates, logits = self.inner.get_candidates(input_ids, *args, **kwargs)
         end = self._clock()

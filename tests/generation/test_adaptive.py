@@ -185,6 +185,11 @@ def test_low_acceptance_drafts_short():
     assert sum(stats.accepted) <= 0.2 * sum(stats.drafted) and policy.acceptance < 0.35
     late = policy.history[5:]
     assert late and sum(late) / len(late) <= 0.8, policy.history  # mostly plain steps, and probes
+    # the next call starts from what was learned (K = 0), yet its first round drafts: the draft must see the prompt
+    start = len(policy.history)
+    out, stats = adaptive(target, ids, draft, schedule="adaptive", max_new_tokens=20)
+    assert torch.equal(out, generate(target, ids, max_new_tokens=20))
+    assert stats.drafted[0] == 1 and 0 in policy.history[start + 1 :]
 
 
 def test_never_drafts_past_max_length_and_keeps_what_it_learned():

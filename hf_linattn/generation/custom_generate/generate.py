@@ -286,12 +286,13 @@ def lookahead_decoding(
     lookahead_window: int = 7,
     lookahead_ngram: int = 5,
     lookahead_guesses: int = 7,
+    lookahead_stats: LookaheadStats | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
     """The decoding loop for ``model.generate(ids, custom_generate=lookahead_decoding, ...)`` (callable form).
 
     transformers has prepared the cache (``cache``; ``past_key_values`` before 5.24) and
-    ``generation_config.max_length``.
+    ``generation_config.max_length``. ``lookahead_stats``: a ``LookaheadStats`` to record the steps into.
     """
     _check_greedy(generation_config, logits_processor)
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
@@ -300,7 +301,7 @@ def lookahead_decoding(
         raise ValueError("lookahead decoding starts from an empty cache")
     return lookahead_generate(
         model, input_ids, max_new_tokens=max_new_tokens, window=lookahead_window, ngram=lookahead_ngram,
-        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, cache=cache,
+        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, cache=cache, stats=lookahead_stats,
     )  # fmt: skip
 
 
