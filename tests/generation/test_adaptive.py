@@ -225,3 +225,21 @@ def test_adaptive_speculative_sampling_follows_the_target_distribution():
     assert 0 in stats.drafted and 1 in stats.drafted  # both a drafted token and a plain step were sampled
     assert chi_square_p(counts, exact) > ALPHA
     assert chi_square_p(counts, exact_two_token_distribution(draft, ids)) < ALPHA  # the test has power
+
+
+def test_track_acceptance_nests_inside_another_wrapper():
+    """track_acceptance restores what was on the instance before it (here: another wrapper), not the class method."""
+    target, draft = padded_pair(linattn(["gla"]), 1, copies=2, seed=12)
+    calls = []
+    make = target._get_candidate_generator
+
+    def outer(*args, **kwargs):
+        calls.append(1)
+        return make(*args, **kwargs)
+
+    target._get_candidate_generator = outer
+    ids = prompt(1, 8, seed=77)
+    with track_acceptance(target) as stats:
+        generate(target, ids, assistant_model=draft, max_new_tokens=6)
+    assert stats.rounds > 0 and calls == [1]
+    assert target._get_candidate_generator is outer
