@@ -86,6 +86,7 @@ def time_interleaved(
     bar: tqdm | None = None,
     prime: bool = True,
     cpu_times: dict[str, list[float]] | None = None,
+    setups: Mapping[str, Callable[[], Any]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every callable, timed round-robin: ``warmup`` untimed rounds, then ``repeats`` timed.
 
@@ -93,7 +94,8 @@ def time_interleaved(
     follows a heavy neighbour. With ``prime``, each timed call directly follows one untimed call of
     the same callable, so every sample starts warm (threads awake, caches filled).
     Runs under ``torch.inference_mode``. With ``cpu_times`` (a dict), the thread CPU time of every timed call
-    goes there too (steadier than wall time on a shared machine when torch runs one thread).
+    goes there too (steadier than wall time on a shared machine when torch runs one thread). ``setups`` (by
+    name, optional) run untimed before every call of their callable (e.g. restore a cache the call consumes).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     order = list(fns)
@@ -102,9 +104,13 @@ def time_interleaved(
         for round_idx in range(warmup + repeats):
             shuffle(order)
             for name in order:
-                fn = fns[name]
+                fn, setup = fns[name], (setups or {}).get(name)
                 if prime:
+                    if setup is not None:
+                        setup()
                     fn()
+                if setup is not None:
+                    setup()
                 start, cpu_start = time.perf_counter(), time.thread_time()
                 fn()
                 elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start

@@ -41,6 +41,7 @@ def track_acceptance(model: PreTrainedModel) -> Iterator[AcceptanceStats]:
     """Within the block, ``model.generate`` with an assistant or prompt lookup records into the stats."""
     stats = AcceptanceStats()
     make_generator = model._get_candidate_generator
+    wrapped_before = model.__dict__.get("_get_candidate_generator")  # another wrapper on this instance, if any
 
     def tracked(*args, **kwargs):
         generator = make_generator(*args, **kwargs)
@@ -57,5 +58,8 @@ def track_acceptance(model: PreTrainedModel) -> Iterator[AcceptanceStats]:
     model._get_candidate_generator = tracked
     try:
         yield stats
-    finally:
-        del model._get_candidate_generator  # back to the class's method
+    finally:  # back to what was there: the class's method, or the wrapper installed before (nested use)
+        if wrapped_before is None:
+            model.__dict__.pop("_get_candidate_generator", None)
+        else:
+            model._get_candidate_generator = wrapped_before

@@ -63,3 +63,44 @@ def test_bench_conversion_reports_student_over_teacher(tmp_path):
     assert all(r["ratio"] == pytest.approx(r["student_perplexity"] / r["teacher_perplexity"], rel=1e-3)
                for r in results.values())  # fmt: skip
     assert "| hybrid" in result.stdout
+
+
+def test_bench_decoding_reports_the_issue_table(tmp_path):
+    results = run_quick("bench_decoding.py", tmp_path / "decoding.json")
+    assert results["all_identical"] is True  # the script also exits non-zero otherwise
+    rows = results["strategies"]
+    assert {"speculative: student + draft", "speculative: teacher + draft", "speculative: teacher + student as draft",
+            "lookahead (code): student", "lookahead (code): teacher", "prompt lookup (copying code): student",
+            "prompt lookup (copying code): teacher"} == set(rows)  # fmt: skip
+    for entry in rows.values():
+        assert entry["default"] in entry["settings"] and entry["best"] in entry["settings"]
+        for s in entry["settings"].values():
+            assert s["identical_greedy"] and s["speedup_cpu"] > 0 and s["speedup_wall"] > 0
+            assert s["tokens_per_target_forward"] >= 1 and s["round_over_plain_token"] > 0
+    assert rows["speculative: student + draft"]["settings"]["adaptive"]["draft_over_target_step"] > 0
+    assert set(results["forward_costs"]) == {"student", "student, recording", "teacher", "draft"}
+    assert all(set(by_k) == {"1", "4"} for by_k in results["forward_costs"].values())
+    profile = results["round_profile"]["speculative: student + draft"]["cpu"]["ms_per_round"]
+    assert set(profile) == {"draft", "verify", "crop", "generate() overhead"}
+    assert len(results["long_context"]) == 2 and all(
+        all(r["identical"].values()) for r in results["long_context"].values()
+    )
+    assert len(results["goals"]) == 10  # every row of issue 10's table, met or not
+
+
+def test_copy_prompts_continue_by_copying_their_prompt():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _decoding import copy_prompts, copy_score
+    from transformers import AutoTokenizer
+
+    from hf_linattn.assets import TEACHER_DIR
+
+    pattern = list(range(10, 30))
+    assert copy_score(pattern * 4, start=40, prompt_tokens=40, new_tokens=20) == 1.0
+    assert copy_score(list(range(100)), start=50, prompt_tokens=50, new_tokens=20) == 0.0
+    tok = AutoTokenizer.from_pretrained(TEACHER_DIR)
+    chosen = copy_prompts(tok, count=3, prompt_tokens=64, new_tokens=16)
+    assert len(chosen) == 3 and all(ids.shape == (1, 64) for ids, _ in chosen)
+    assert min(score for _, score in chosen) >= 0.5  # most of each continuation is copyable from its prompt

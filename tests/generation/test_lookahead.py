@@ -98,3 +98,79 @@ def test_custom_generate_folder_runs_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical" in result.stdout
+
+
+# ---- lengths: generate()'s rules, through every entry point ----
+
+FOLDER = dict(custom_generate=str(CUSTOM_GENERATE_DIR), trust_remote_code=True)
+
+
+def plain_generate(model, ids, **kwargs):
+    """generate() without the test defaults, so that the length arguments are exactly the ones given."""
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                              eos_token_id=None, **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [-3, 0])
+def test_non_positive_max_new_tokens_is_refused_everywhere(bad):
+    model = tiny_model(STACKS["rdn"], seed=2)
+    ids = repetitive(66)
+    with pytest.raises(ValueError, match="max_new_tokens` must be greater than 0"):
+        lookahead_generate(model, ids, max_new_tokens=bad)
+    with pytest.raises(ValueError, match="max_new_tokens` must be greater than 0"):
+        plain_generate(model, ids, max_new_tokens=bad, **FOLDER)
+    with pytest.raises(ValueError, match="max_new_tokens"):  # the callable form: generate() itself refuses
+        plain_generate(model, ids, max_new_tokens=bad, custom_generate=lookahead_decoding)
+
+
+@pytest.mark.parametrize("form", ["callable", "folder"])
+def test_max_length_is_honoured_and_max_new_tokens_wins(form):
+    model = tiny_model(STACKS["hybrid"], seed=2)
+    ids = repetitive(67)
+    custom = {"custom_generate": lookahead_decoding} if form == "callable" else FOLDER
+    # 9 new tokens; 6 (max_new_tokens wins); 20 (generate()'s default)
+    cases = [(dict(max_length=ids.shape[1] + 9), 9), (dict(max_new_tokens=6, max_length=ids.shape[1] + 9), 6), ({}, 20)]
+    for lengths, new in cases:
+        got = plain_generate(model, ids, **lengths, **custom)
+        assert got.shape[1] == ids.shape[1] + new and torch.equal(got, plain_generate(model, ids, **lengths)), lengths
+
+
+def test_folder_refuses_a_max_length_within_the_prompt_and_min_new_tokens_with_eos():
+    model = tiny_model(STACKS["gla"], seed=2)
+    ids = repetitive(68)
+    with pytest.raises(ValueError, match="max_length"):
+        plain_generate(model, ids, max_length=ids.shape[1], **FOLDER)
+    with pytest.raises(ValueError, match="min_new_tokens"), torch.no_grad():
+        model.generate(ids, min_new_tokens=4, max_new_tokens=8, eos_token_id=2, **FOLDER)
+
+
+def test_rows_of_transformers_kv_layers_are_views_not_copies():
+    """One lookahead step expands the committed cache to one row per chain: transformers' dynamic key/value
+    layers broadcast (no per-row copy of the context), other layers use their own batch methods."""
+    from transformers import DynamicCache
+
+    from hf_linattn.generation.custom_generate.generate import _repeat_rows, _select_row
+
+    model = tiny_llama(seed=4)
+    ids = repetitive(69)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    assert isinstance(cache, DynamicCache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    _repeat_rows(cache, 5)
+    for layer, (keys, _) in zip(cache.layers, before):
+        assert layer.keys.shape[0] == 5 and layer.keys.stride(0) == 0 and torch.equal(layer.keys[3], keys[0])
+    _select_row(cache, 3, ids.device)
+    assert all(
+        torch.equal(layer.keys, k) and torch.equal(layer.values, v) for layer, (k, v) in zip(cache.layers, before)
+    )
+
+    linattn = tiny_model(STACKS["hybrid"], seed=1)
+    with torch.no_grad():
+        out = linattn(ids, use_cache=True)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    _repeat_rows(cache, 3)
+    kv = [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    assert len(kv) == 2 and all(layer.keys.shape[0] == 3 and layer.keys.stride(0) == 0 for layer in kv)

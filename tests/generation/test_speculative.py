@@ -151,7 +151,6 @@ def test_speculative_sampling_follows_the_target_distribution():
     assert chi_square_p(speculative, draft_exact) < ALPHA
 
 
-
 def test_embedded_teacher_with_its_draft_and_with_a_converted_student():
     """The shipped models: the draft, and a linearized copy of the teacher, each drafting for the teacher."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,19 +21,77 @@ the output equals plain greedy decoding. Row 0 always commits at least one token
 from __future__ import annotations
 
 import inspect
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+try:  # transformers' cache classes (5.x); any cache still works through its own batch methods without them
+    from transformers.cache_utils import Cache as _Cache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-def _forward(model, ids: torch.LongTensor, cache):
-    """model(ids) continuing from ``cache``, under the name the model's forward takes: ``cache`` (transformers
-    >= 5.24) or ``past_key_values`` (older; removed after 5.40). Returns (logits, the cache it returned)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(ids, use_cache=True, **{name: cache})
+    _DYNAMIC_KV_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+except ImportError:  # pragma: no cover
+    _Cache, _DYNAMIC_KV_LAYERS = None, ()
+
+
+def _cache_argument(model) -> str:
+    """The name the model's forward takes the cache under: ``cache`` (transformers >= 5.24) or ``past_key_values``
+    (older; removed after 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model, ids: torch.LongTensor, cache, name: str | None = None):
+    """model(ids) continuing from ``cache``, passed under ``name`` (default: looked up, see ``_cache_argument``).
+    Returns (logits, the cache it returned)."""
+    out = model(ids, use_cache=True, **{name or _cache_argument(model): cache})
     returned = out["cache"] if "cache" in out else out.get("past_key_values")
     return out.logits, returned
+
+
+def _layers_by_view(cache) -> list | None:
+    """The cache's layers if its row operations are transformers' per-layer ones (else None: use the cache's)."""
+    layers = getattr(cache, "layers", None)
+    plain = all(
+        getattr(type(cache), name, None) is getattr(_Cache, name, None)
+        for name in ("batch_repeat_interleave", "batch_select_indices")
+    )
+    return layers if layers is not None and _Cache is not None and plain else None
+
+
+def _is_dynamic_kv(layer) -> bool:
+    # exact types only: their update concatenates (never writes in place), so a broadcast view is safe
+    return type(layer) in _DYNAMIC_KV_LAYERS and getattr(layer, "keys", None) is not None and layer.keys.numel() > 0
+
+
+def _repeat_rows(cache, rows: int) -> None:
+    """``cache.batch_repeat_interleave(rows)`` from one row; transformers' dynamic key/value layers get a broadcast
+    view instead of ``rows`` copies of the whole context (their next update concatenates anyway)."""
+    layers = _layers_by_view(cache)
+    if layers is None:
+        cache.batch_repeat_interleave(rows)
+        return
+    for layer in layers:
+        if _is_dynamic_kv(layer):
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+        else:
+            layer.batch_repeat_interleave(rows)
+
+
+def _select_row(cache, row: int, device) -> None:
+    """``cache.batch_select_indices([row])``; dynamic key/value layers keep a view of the row (no copy)."""
+    layers = _layers_by_view(cache)
+    indices = torch.tensor([row], device=device)
+    if layers is None:
+        cache.batch_select_indices(indices)
+        return
+    for layer in layers:
+        if _is_dynamic_kv(layer):
+            layer.keys, layer.values = layer.keys[row : row + 1], layer.values[row : row + 1]
+        else:
+            layer.batch_select_indices(indices)
 
 
 @dataclass
@@ -101,7 +159,9 @@ def lookahead_generate(
         raise ValueError(f"lookahead decoding takes one sequence [1, T]; got shape {tuple(input_ids.shape)}")
     if window < 1 or ngram < 2 or guesses < 0:
         raise ValueError(f"need window >= 1, ngram >= 2, guesses >= 0; got W={window}, N={ngram}, G={guesses}")
+    max_new_tokens = _positive_new_tokens(max_new_tokens)
     model.eval()
+    name = _cache_argument(model)
     eos = _eos_set(eos_token_id)
     device = input_ids.device
     tokens = input_ids[0].tolist()
@@ -111,9 +171,9 @@ def lookahead_generate(
             pool.add(tokens[i], tuple(tokens[i + 1 : i + ngram]))
 
     if len(tokens) > 1:
-        _, cache = _forward(model, input_ids[:, :-1], cache)
+        _, cache = _forward(model, input_ids[:, :-1], cache, name)
     if cache is None:  # a one-token prompt: a forward of nothing is not possible, so start from the first token
-        logits, cache = _forward(model, input_ids, None)
+        logits, cache = _forward(model, input_ids, None, name)
         first = int(logits[0, -1].argmax())
         tokens.append(first)
         if first in eos or max_new_tokens == 1:
@@ -132,8 +192,8 @@ def lookahead_generate(
         length = max(len(r) for r in rows)
         batch = torch.tensor([r + [last] * (length - len(r)) for r in rows], device=device)
         if len(rows) > 1:
-            cache.batch_repeat_interleave(len(rows))
-        pred = _forward(model, batch, cache)[0].argmax(-1).tolist()
+            _repeat_rows(cache, len(rows))
+        pred = _forward(model, batch, cache, name)[0].argmax(-1).tolist()
 
         # verification: the longest row prefix whose guesses equal the row's own predictions
         best_row, best_accept = 0, 0
@@ -145,7 +205,7 @@ def lookahead_generate(
                 best_row, best_accept = b, accept
         committed = [*rows[best_row][1 : 1 + best_accept], pred[best_row][best_accept]]
         if len(rows) > 1:
-            cache.batch_select_indices(torch.tensor([best_row], device=device))
+            _select_row(cache, best_row, device)
         cache.crop(-(length - 1 - best_accept))
 
         # n-gram harvest along the diagonal of the last N-1 input windows (by absolute position):
@@ -176,6 +236,39 @@ def lookahead_generate(
     return torch.tensor([tokens], device=device)
 
 
+def _positive_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` as an int, refused (as generate() does) unless it is at least 1."""
+    try:
+        value = operator.index(max_new_tokens)
+    except TypeError:
+        raise ValueError(f"`max_new_tokens` must be an integer, but is {max_new_tokens!r}") from None
+    if value <= 0:
+        raise ValueError(f"`max_new_tokens` must be greater than 0, but is {value}.")
+    return value
+
+
+def _setting(name: str, kwargs: dict, config):
+    """A generate() argument, else the generation config's value (None when neither sets it)."""
+    value = kwargs.get(name)
+    return value if value is not None else getattr(config, name, None)
+
+
+def _new_token_budget(kwargs: dict, config, prompt_length: int) -> int:
+    """New tokens to generate, by generate()'s rule: ``max_new_tokens`` takes precedence over ``max_length``
+    (a total length, prompt included); with neither set, 20 new tokens."""
+    max_new_tokens, max_length = _setting("max_new_tokens", kwargs, config), _setting("max_length", kwargs, config)
+    if max_new_tokens is not None:
+        return _positive_new_tokens(max_new_tokens)
+    if max_length is None:
+        return 20
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"Input length of input_ids is {prompt_length}, but `max_length` is set to {max_length}: nothing is left "
+            "to generate. Increase `max_length` or, better yet, set `max_new_tokens`."
+        )
+    return max_length - prompt_length
+
+
 def _check_greedy(generation_config, logits_processor) -> None:
     if generation_config is not None and (generation_config.do_sample or (generation_config.num_beams or 1) > 1):
         raise ValueError("lookahead decoding is greedy: use do_sample=False and num_beams=1")
@@ -193,12 +286,13 @@ def lookahead_decoding(
     lookahead_window: int = 7,
     lookahead_ngram: int = 5,
     lookahead_guesses: int = 7,
+    lookahead_stats: LookaheadStats | None = None,
     **model_kwargs,
 ) -> torch.LongTensor:
     """The decoding loop for ``model.generate(ids, custom_generate=lookahead_decoding, ...)`` (callable form).
 
     transformers has prepared the cache (``cache``; ``past_key_values`` before 5.24) and
-    ``generation_config.max_length``.
+    ``generation_config.max_length``. ``lookahead_stats``: a ``LookaheadStats`` to record the steps into.
     """
     _check_greedy(generation_config, logits_processor)
     max_new_tokens = generation_config.max_length - input_ids.shape[1]
@@ -207,7 +301,7 @@ def lookahead_decoding(
         raise ValueError("lookahead decoding starts from an empty cache")
     return lookahead_generate(
         model, input_ids, max_new_tokens=max_new_tokens, window=lookahead_window, ngram=lookahead_ngram,
-        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, cache=cache,
+        guesses=lookahead_guesses, eos_token_id=generation_config.eos_token_id, cache=cache, stats=lookahead_stats,
     )  # fmt: skip
 
 
@@ -223,16 +317,19 @@ def generate(
 ) -> torch.LongTensor:
     """Entry point of the ``custom_generate`` folder form: ``model.generate(ids, custom_generate=FOLDER, ...)``.
 
-    Reads ``max_new_tokens`` (default 20, as generate) and ``eos_token_id`` from the arguments or the
-    model's generation config; other generate arguments that change the greedy result are refused.
+    Reads ``max_new_tokens`` / ``max_length`` (generate()'s rule: ``max_new_tokens`` wins; neither: 20 new
+    tokens) and ``eos_token_id`` from the arguments or the generation config; other generate arguments that
+    change the greedy result are refused.
     """
     config = generation_config or model.generation_config
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
     if kwargs.get("do_sample") or (kwargs.get("num_beams") or 1) > 1:
         raise ValueError("lookahead decoding is greedy: use do_sample=False and num_beams=1")
     _check_greedy(config, logits_processor)
-    max_new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens or 20
+    max_new_tokens = _new_token_budget(kwargs, config, input_ids.shape[-1])
     eos = kwargs.get("eos_token_id", config.eos_token_id)
+    if eos is not None and (_setting("min_new_tokens", kwargs, config) or _setting("min_length", kwargs, config)):
+        raise ValueError("lookahead decoding does not support min_new_tokens / min_length (they hold back eos)")
     return lookahead_generate(
         model, input_ids, max_new_tokens=max_new_tokens, window=lookahead_window, ngram=lookahead_ngram,
         guesses=lookahead_guesses, eos_token_id=eos,
