@@ -62,8 +62,9 @@ def test_policy_calibrates_then_probes_when_idle():
         policy.draft_cost.add(k, 0.9 * k)  # a draft as slow as the target
         policy.verify_cost.add(k, 1.0 + 0.1 * k)
     policy.observe_acceptance(drafted=4, accepted=0)
-    # the draft does not pay: plain steps, and after 3 of them a probe of two rounds at each calibration length
-    assert [policy.next_length(budget=100) for _ in range(8)] == [0, 0, 1, 1, 0, 0, 4, 4]
+    # the draft does not pay: plain steps, and after 3 of them a probe of two rounds at one calibration length,
+    # then at the other after twice as many plain steps
+    assert [policy.next_length(budget=100) for _ in range(13)] == [0, 0, 1, 1, 0, 0, 0, 0, 0, 4, 4, 0, 0]
     assert policy.next_length(budget=0) == 0
 
 
@@ -170,8 +171,9 @@ def test_high_acceptance_and_a_cheap_draft_draft_long():
     policy = draft_length_policy(target, draft)
     assert policy.acceptance > 0.9
     late = policy.history[5:-3]  # after calibration (4, 1, 4, 1, 4), before the max_length cap
-    # longer than the calibration lengths at once, and near the cap (12) once the acceptance estimate is high
-    assert late and min(late) >= 5 and max(late) >= 10, (policy.history, policy.draft_cost, policy.verify_cost)
+    # mostly longer than the calibration lengths, and near the cap (12) once the acceptance estimate is high
+    median = sorted(late)[len(late) // 2]
+    assert late and median >= 8 and max(late) >= 10, (policy.history, policy.draft_cost, policy.verify_cost)
 
 
 def test_low_acceptance_drafts_short():
