@@ -223,12 +223,16 @@ class AdaptiveCandidateGenerator:
         return self.inner.update_candidate_strategy(input_ids, scores, num_matches)
 
 
-_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {assistant -> DraftLengthPolicy}
+# target -> {assistant -> {schedule -> DraftLengthPolicy}}
+_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def draft_length_policy(target: PreTrainedModel, assistant: PreTrainedModel) -> DraftLengthPolicy | None:
-    """What the ``"adaptive"`` schedule learned for this pair (acceptance, cost lines, K per round), or None."""
-    return _POLICIES.get(target, {}).get(assistant)
+def draft_length_policy(
+    target: PreTrainedModel, assistant: PreTrainedModel, schedule: str = "adaptive"
+) -> DraftLengthPolicy | None:
+    """What ``schedule`` learned for this pair (acceptance, cost lines, K per round), or None; for
+    ``"adaptive_transient"``, the last generate() call's."""
+    return _POLICIES.get(target, {}).get(assistant, {}).get(schedule)
 
 
 def _wants_adaptive(generation_config, assistant_model) -> bool:
@@ -252,11 +256,11 @@ def _adaptive_get_candidate_generator(self, *args, **kwargs):
         return generator
     if not _wants_adaptive(config, assistant):
         return generator
-    transient = "adaptive_transient" in _schedules(config, assistant)
-    pairs = _POLICIES.setdefault(self, weakref.WeakKeyDictionary())
-    policy = pairs.get(assistant)
-    if policy is None or transient:
-        policy = pairs[assistant] = DraftLengthPolicy(max_tokens=int(generator.num_assistant_tokens))
+    schedule = "adaptive_transient" if "adaptive_transient" in _schedules(config, assistant) else "adaptive"
+    policies = _POLICIES.setdefault(self, weakref.WeakKeyDictionary()).setdefault(assistant, {})
+    policy = policies.get(schedule)
+    if policy is None or schedule == "adaptive_transient":  # a transient call never touches the persistent one
+        policy = policies[schedule] = DraftLengthPolicy(max_tokens=int(generator.num_assistant_tokens))
     if assistant.generation_config.assistant_confidence_threshold is None:
         # the policy chooses the length; the confidence stop (and its ROC re-tuning) stays off unless asked for
         generator.assistant_confidence_threshold = 0.0

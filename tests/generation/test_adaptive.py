@@ -119,7 +119,7 @@ def test_adaptive_greedy_equals_plain_greedy(stack):
         ids = prompt(1, 10 + seed % 5, seed=seed)
         out, stats = adaptive(target, ids, draft, max_new_tokens=24)
         assert torch.equal(out, generate(target, ids, max_new_tokens=24)), seed
-        policy = draft_length_policy(target, draft)
+        policy = draft_length_policy(target, draft, "adaptive_transient")
         assert policy.history[:2] == [4, 1]  # transient: every call calibrates afresh
         assert len(policy.history) == stats.rounds
         length = ids.shape[1]
@@ -139,7 +139,8 @@ def test_confidence_stop_is_off_unless_set_on_the_draft():
         out, stats = adaptive(target, ids, draft, max_new_tokens=30)
         assert torch.equal(out, generate(target, ids, max_new_tokens=30))
         length, short = ids.shape[1], []
-        for drafted, accepted, chosen in zip(stats.drafted, stats.accepted, draft_length_policy(target, draft).history):
+        chosen_lengths = draft_length_policy(target, draft, "adaptive_transient").history
+        for drafted, accepted, chosen in zip(stats.drafted, stats.accepted, chosen_lengths):
             short.append(min(chosen, ids.shape[1] + 30 - length - 1) - drafted)
             length += accepted + 1
         return short
@@ -211,6 +212,10 @@ def test_never_drafts_past_max_length_and_keeps_what_it_learned():
             length += accepted + 1
     assert draft_length_policy(target, draft) is policy and len(policy.history) > learned  # "adaptive" persists
     assert stats.drafted == [0]  # a single new token: nothing to draft
+    # a transient call in between neither resets nor replaces what "adaptive" learned
+    adaptive(target, ids, draft, schedule="adaptive_transient", max_new_tokens=10)
+    assert draft_length_policy(target, draft) is policy and draft_length_policy(target, draft, "adaptive_transient")
+    assert draft_length_policy(target, draft, "adaptive_transient") is not policy
 
 
 def test_adaptive_speculative_sampling_follows_the_target_distribution():
