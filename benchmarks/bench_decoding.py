@@ -240,10 +240,13 @@ def long_table(longs: dict) -> str:
                  for s in LONG_SETTINGS]  # fmt: skip
         needed = [r.get(f"acceptance_needed_for_{x}x") for x in (1.0, 1.5)]
         measured = r.get("measured_acceptance_k1")
-        lines.append([length, teacher, student, student / teacher, *cells,
+        forward = r["forward_ms"]
+        lines.append([length, teacher, student, student / teacher, forward["teacher 2"] / forward["teacher 1"],
+                      forward["teacher 5"] / forward["teacher 1"], *cells,
                       *("-" if a is None else a for a in needed), "-" if measured is None else measured])  # fmt: skip
-    headers = ["context", "teacher ms/token", "student ms/token", "student / teacher", *LONG_SETTINGS,
-               "acceptance for 1x", "acceptance for 1.5x", "measured acceptance (K=1)"]  # fmt: skip
+    headers = ["context", "teacher ms/token", "student ms/token", "student / teacher", "teacher fwd 2 / 1 tokens",
+               "5 / 1 tokens", *LONG_SETTINGS, "acceptance for 1x", "acceptance for 1.5x",
+               "measured acceptance (K=1)"]  # fmt: skip
     return format_table(headers, lines)
 
 
