@@ -12,7 +12,8 @@ the choice depends on, while generating:
 and drafts the K that maximises the expected committed tokens per second (Leviathan et al. 2023,
 i.i.d. acceptance): E[tokens | K] / (D(K) + V(K)), E[tokens | K] = (1 - a^(K+1)) / (1 - a), with
 D(0) = 0: K = 0 is a plain target step, chosen when the draft does not pay (then, after
-``probe_every`` such rounds, two rounds draft 1 or 4 tokens, so that the estimates can recover).
+``probe_every`` such rounds, two rounds draft 1 or 4 tokens, so that the estimates can recover; the
+wait doubles after each probe that changes nothing).
 Only the length changes; transformers' acceptance rule is untouched, so greedy output equals plain
 greedy and sampling stays exact. transformers still caps K by ``max_length``.
 
@@ -128,6 +129,7 @@ class DraftLengthPolicy:
     _probe_left: int = 0
     _probe_length: int = 1
     _probes: int = 0
+    _probe_interval: int = 0  # rounds of K = 0 before the next probe (0: probe_every)
 
     @property
     def acceptance(self) -> float:
@@ -156,13 +158,17 @@ class DraftLengthPolicy:
         else:
             k = best_draft_length(self.acceptance, self.draft_cost, self.verify_cost, cap)
             self._idle_rounds = self._idle_rounds + 1 if k == 0 else 0
-            if self._idle_rounds >= self.probe_every:
+            if k > 0:
+                self._probe_interval = self.probe_every
+            elif self._idle_rounds >= (self._probe_interval or self.probe_every):
                 # probe: keeps the acceptance estimate and both calibration lengths' costs fresh (a slow round
                 # must not keep the draft off for good); two rounds, since the first one catches the draft up on
-                # the skipped tokens and is not timed
+                # the skipped tokens and is not timed. Each probe that changes nothing doubles the wait (up to
+                # 8x), so that a draft that does not pay costs little.
                 self._probes += 1
                 self._probe_length = 1 if self._probes % 2 else min(self.first_length, cap)
                 k, self._probe_left, self._idle_rounds = self._probe_length, 1, 0
+                self._probe_interval = min(2 * (self._probe_interval or self.probe_every), 8 * self.probe_every)
         k = max(k, min(minimum, cap))
         self.history.append(k)
         return k
@@ -217,12 +223,16 @@ class AdaptiveCandidateGenerator:
         return self.inner.update_candidate_strategy(input_ids, scores, num_matches)
 
 
-_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target -> {assistant -> DraftLengthPolicy}
+# target -> {assistant -> {schedule -> DraftLengthPolicy}}
+_POLICIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def draft_length_policy(target: PreTrainedModel, assistant: PreTrainedModel) -> DraftLengthPolicy | None:
-    """What the ``"adaptive"`` schedule learned for this pair (acceptance, cost lines, K per round), or None."""
-    return _POLICIES.get(target, {}).get(assistant)
+def draft_length_policy(
+    target: PreTrainedModel, assistant: PreTrainedModel, schedule: str = "adaptive"
+) -> DraftLengthPolicy | None:
+    """What ``schedule`` learned for this pair (acceptance, cost lines, K per round), or None; for
+    ``"adaptive_transient"``, the last generate() call's."""
+    return _POLICIES.get(target, {}).get(assistant, {}).get(schedule)
 
 
 def _wants_adaptive(generation_config, assistant_model) -> bool:
@@ -246,11 +256,11 @@ def _adaptive_get_candidate_generator(self, *args, **kwargs):
         return generator
     if not _wants_adaptive(config, assistant):
         return generator
-    transient = "adaptive_transient" in _schedules(config, assistant)
-    pairs = _POLICIES.setdefault(self, weakref.WeakKeyDictionary())
-    policy = pairs.get(assistant)
-    if policy is None or transient:
-        policy = pairs[assistant] = DraftLengthPolicy(max_tokens=int(generator.num_assistant_tokens))
+    schedule = "adaptive_transient" if "adaptive_transient" in _schedules(config, assistant) else "adaptive"
+    policies = _POLICIES.setdefault(self, weakref.WeakKeyDictionary()).setdefault(assistant, {})
+    policy = policies.get(schedule)
+    if policy is None or schedule == "adaptive_transient":  # a transient call never touches the persistent one
+        policy = policies[schedule] = DraftLengthPolicy(max_tokens=int(generator.num_assistant_tokens))
     if assistant.generation_config.assistant_confidence_threshold is None:
         # the policy chooses the length; the confidence stop (and its ROC re-tuning) stays off unless asked for
         generator.assistant_confidence_threshold = 0.0

@@ -62,8 +62,9 @@ def test_policy_calibrates_then_probes_when_idle():
         policy.draft_cost.add(k, 0.9 * k)  # a draft as slow as the target
         policy.verify_cost.add(k, 1.0 + 0.1 * k)
     policy.observe_acceptance(drafted=4, accepted=0)
-    # the draft does not pay: plain steps, and after 3 of them a probe of two rounds at each calibration length
-    assert [policy.next_length(budget=100) for _ in range(8)] == [0, 0, 1, 1, 0, 0, 4, 4]
+    # the draft does not pay: plain steps, and after 3 of them a probe of two rounds at one calibration length,
+    # then at the other after twice as many plain steps
+    assert [policy.next_length(budget=100) for _ in range(13)] == [0, 0, 1, 1, 0, 0, 0, 0, 0, 4, 4, 0, 0]
     assert policy.next_length(budget=0) == 0
 
 
@@ -118,7 +119,7 @@ def test_adaptive_greedy_equals_plain_greedy(stack):
         ids = prompt(1, 10 + seed % 5, seed=seed)
         out, stats = adaptive(target, ids, draft, max_new_tokens=24)
         assert torch.equal(out, generate(target, ids, max_new_tokens=24)), seed
-        policy = draft_length_policy(target, draft)
+        policy = draft_length_policy(target, draft, "adaptive_transient")
         assert policy.history[:2] == [4, 1]  # transient: every call calibrates afresh
         assert len(policy.history) == stats.rounds
         length = ids.shape[1]
@@ -138,7 +139,8 @@ def test_confidence_stop_is_off_unless_set_on_the_draft():
         out, stats = adaptive(target, ids, draft, max_new_tokens=30)
         assert torch.equal(out, generate(target, ids, max_new_tokens=30))
         length, short = ids.shape[1], []
-        for drafted, accepted, chosen in zip(stats.drafted, stats.accepted, draft_length_policy(target, draft).history):
+        chosen_lengths = draft_length_policy(target, draft, "adaptive_transient").history
+        for drafted, accepted, chosen in zip(stats.drafted, stats.accepted, chosen_lengths):
             short.append(min(chosen, ids.shape[1] + 30 - length - 1) - drafted)
             length += accepted + 1
         return short
@@ -170,8 +172,9 @@ def test_high_acceptance_and_a_cheap_draft_draft_long():
     policy = draft_length_policy(target, draft)
     assert policy.acceptance > 0.9
     late = policy.history[5:-3]  # after calibration (4, 1, 4, 1, 4), before the max_length cap
-    # longer than the calibration lengths at once, and near the cap (12) once the acceptance estimate is high
-    assert late and min(late) >= 5 and max(late) >= 10, (policy.history, policy.draft_cost, policy.verify_cost)
+    # mostly longer than the calibration lengths, and near the cap (12) once the acceptance estimate is high
+    median = sorted(late)[len(late) // 2]
+    assert late and median >= 8 and max(late) >= 10, (policy.history, policy.draft_cost, policy.verify_cost)
 
 
 def test_low_acceptance_drafts_short():
@@ -209,6 +212,10 @@ def test_never_drafts_past_max_length_and_keeps_what_it_learned():
             length += accepted + 1
     assert draft_length_policy(target, draft) is policy and len(policy.history) > learned  # "adaptive" persists
     assert stats.drafted == [0]  # a single new token: nothing to draft
+    # a transient call in between neither resets nor replaces what "adaptive" learned
+    adaptive(target, ids, draft, schedule="adaptive_transient", max_new_tokens=10)
+    assert draft_length_policy(target, draft) is policy and draft_length_policy(target, draft, "adaptive_transient")
+    assert draft_length_policy(target, draft, "adaptive_transient") is not policy
 
 
 def test_adaptive_speculative_sampling_follows_the_target_distribution():
