@@ -63,13 +63,15 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_at_start": _load_average(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
 def describe(machine: dict[str, Any]) -> str:
     """One line naming the machine, for the printed summary."""
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
     return (
-        f"{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['torch']} "
+        f"{machine['cpu']}, {machine['cpu_count']} CPUs{gpu}, torch {machine['torch']} "
         f"({machine['torch_threads']} threads), transformers {machine['transformers']}"
     )
 
@@ -77,6 +79,12 @@ def describe(machine: dict[str, Any]) -> str:
 def progress(total: int, desc: str, disable: bool = False) -> tqdm:
     """A tqdm bar on stderr that disappears when done, so the printed tables stay clean."""
     return tqdm(total=total, desc=desc, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a clock read next counts it (a no-op when CUDA is unused)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_interleaved(
@@ -111,8 +119,10 @@ def time_interleaved(
                     fn()
                 if setup is not None:
                     setup()
+                sync()
                 start, cpu_start = time.perf_counter(), time.thread_time()
                 fn()
+                sync()
                 elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
                 if round_idx >= warmup:
                     times[name].append(elapsed)

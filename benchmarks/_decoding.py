@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import time_interleaved
+from _common import sync, time_interleaved
 
 from hf_linattn.generation import track_acceptance
 
@@ -56,10 +56,10 @@ def timed(
 # ---- models ----
 
 
-def load_models(student_dir: Path | None) -> tuple[Any, Any, Any, Any, str]:
+def load_models(student_dir: Path | None, device: str = "cpu") -> tuple[Any, Any, Any, Any, str]:
     """(tokenizer, teacher, draft, student, what the student is). The student is the checkpoint in
     ``student_dir`` (loaded with the installed hf_linattn classes, so that the current code is measured), else
-    a random-init student of the teacher's shape: 6 rdn + 2 softmax layers (the README's hybrid)."""
+    a random-init student of the teacher's shape: 6 rdn + 2 softmax layers (the README's hybrid). All on ``device``."""
     from bench_static_decode import student_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,7 +76,7 @@ def load_models(student_dir: Path | None) -> tuple[Any, Any, Any, Any, str]:
         torch.manual_seed(0)
         student = LinAttnForCausalLM(student_config(teacher.config)).eval()
         source = "random init of the teacher's shape (6 rdn + 2 softmax layers): speed is real, acceptance is not"
-    return tok, teacher, draft, student, source
+    return tok, teacher.to(device), draft.to(device), student.to(device), source
 
 
 def cache_argument(model) -> str:
@@ -220,10 +220,12 @@ class _Clock:
 
     def wrap(self, name: str, fn: Callable) -> Callable:
         def timed_call(*args, **kwargs):
+            sync()
             cpu, wall = time.thread_time(), time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                sync()
                 self.spans[name].append((time.thread_time() - cpu, time.perf_counter() - wall))
 
         return timed_call
@@ -244,9 +246,11 @@ def round_profile(target, draft, ids: torch.Tensor, new_tokens: int, setting: st
         return generator
 
     def hook_pre(module, args, kwargs):
+        sync()
         clock.spans.setdefault("_start", []).append((time.thread_time(), time.perf_counter()))
 
     def hook_post(module, args, kwargs, output):
+        sync()
         cpu, wall = clock.spans["_start"].pop()
         clock.spans["verify"].append((time.thread_time() - cpu, time.perf_counter() - wall))
 
@@ -258,8 +262,10 @@ def round_profile(target, draft, ids: torch.Tensor, new_tokens: int, setting: st
     target._get_candidate_generator = instrumented
     try:
         with track_acceptance(target) as stats:
+            sync()
             cpu, wall = time.thread_time(), time.perf_counter()
             greedy(target, ids, new_tokens, assistant_model=draft, **{cache_argument(target): cache})
+            sync()
             total = (time.thread_time() - cpu, time.perf_counter() - wall)
     finally:
         target.__dict__.pop("_get_candidate_generator", None)
@@ -370,7 +376,7 @@ def long_context(tok, teacher, student, contexts: list[int], new_tokens: int, se
     results = {}
     arg = cache_argument(teacher)
     for length in contexts:
-        ids = long_prompt(tok, length)
+        ids = long_prompt(tok, length).to(teacher.device)
         teacher_base, student_base = prefill(teacher, ids[:, :-1]), prefill(student, ids[:, :-2])
         state: dict[str, Any] = {}
 

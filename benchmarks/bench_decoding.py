@@ -298,6 +298,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--long-new-tokens", type=int, default=32)
     parser.add_argument("--skip-long", action="store_true", help="skip the long-context experiment")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda; on a GPU compare the wall times")
     parser.set_defaults(threads=1)
     args = parser.parse_args()
     global SPECULATIVE, STUDENT_AS_DRAFT, LOOKAHEAD, PROMPT_LOOKUP, COST_LENGTHS, LONG_CONTEXTS, LONG_SETTINGS
@@ -307,11 +308,11 @@ def main() -> int:
         PROMPT_LOOKUP, COST_LENGTHS, LONG_CONTEXTS, LONG_SETTINGS = [4], [1, 4], [64, 128], ["adaptive", "K=1"]
     repeats, warmup = args.repeats or (1 if args.quick else 3), 0 if args.quick else args.warmup
     machine = setup(args)
-    tok, teacher, draft, student, source = load_models(args.student)
+    tok, teacher, draft, student, source = load_models(args.student, device=args.device)
     models = {"student": student, "teacher": teacher, "draft": draft}
-    prompts = {"code": code_prompts(tok, args.prompts, args.prompt_tokens)}
+    prompts = {"code": [ids.to(args.device) for ids in code_prompts(tok, args.prompts, args.prompt_tokens)]}
     copying = copy_prompts(tok, args.prompts, args.prompt_tokens, args.new_tokens)
-    prompts["copy"] = [ids for ids, _ in copying]
+    prompts["copy"] = [ids.to(args.device) for ids, _ in copying]
 
     # 1. forward costs
     cost_models = {"student": (student, False), "student, recording": (student, True), "teacher": (teacher, False),

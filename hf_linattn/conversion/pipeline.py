@@ -320,6 +320,7 @@ def convert(
                 "lora": recipe.lora_steps * recipe.batch_size * recipe.seq_len,
             },
             num_processes=accelerator.num_processes,
+            device=accelerator.device.type,  # where it trained: "cuda" whenever a GPU is visible
             seconds=round(time.time() - started, 1),
         )
         atomic_write_json(build / REPORT_NAME, report)

@@ -36,6 +36,7 @@ def test_two_process_cpu_run_matches_one_process(converted, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "conversion_report.json").read_text())
     assert report["num_processes"] == 2 and reference["num_processes"] == 1
+    assert report["device"] == reference["device"] == "cpu"
     assert report["kept_softmax_layers"] == reference["kept_softmax_layers"]
     # before any update both runs see the same global batch. Stage 1 normalizes each process's MSE by
     # that process's own target power, so its averaged loss differs slightly
