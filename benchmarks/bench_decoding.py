@@ -298,6 +298,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--long-new-tokens", type=int, default=32)
     parser.add_argument("--skip-long", action="store_true", help="skip the long-context experiment")
+    parser.add_argument("--few-settings", action="store_true", help="--quick's short setting lists, full sizes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda; on a GPU compare the wall times")
     parser.set_defaults(threads=1)
     args = parser.parse_args()
@@ -306,6 +307,9 @@ def main() -> int:
         args.prompts, args.prompt_tokens, args.new_tokens, args.long_new_tokens = 1, 48, 12, 8
         SPECULATIVE, STUDENT_AS_DRAFT, LOOKAHEAD = ["default", "adaptive", "K=2"], ["adaptive", "K=2"], [(4, 3, 4)]
         PROMPT_LOOKUP, COST_LENGTHS, LONG_CONTEXTS, LONG_SETTINGS = [4], [1, 4], [64, 128], ["adaptive", "K=1"]
+    elif args.few_settings:  # every section, one or two settings each (e.g. a GPU run inside a time limit)
+        SPECULATIVE, STUDENT_AS_DRAFT, LOOKAHEAD = ["default", "adaptive", "K=4"], ["adaptive", "K=2"], [(4, 3, 4)]
+        PROMPT_LOOKUP, LONG_SETTINGS = [4], ["adaptive", "K=2"]
     repeats, warmup = args.repeats or (1 if args.quick else 3), 0 if args.quick else args.warmup
     machine = setup(args)
     tok, teacher, draft, student, source = load_models(args.student, device=args.device)
