@@ -1,0 +1,201 @@
+"""Chunked forward of residual linear attention in Triton: one fused kernel, both passes per chunk.
+
+One program per (V-tile, sequence x head) walks the chunks of its sequence in order, keeping the
+base state S (and, for rla/rdn, the residual state R) as fp32 [BK, BV] tiles in registers. Value
+columns never interact (errors, clip and both states are column-wise), so V is tiled; K is whole.
+Per chunk of C tokens, with b the chunk-local cumulative log-decay, D_ts = exp(b_t - b_s) (s <= t),
+Gamma = diag(exp(b)) and A = strictly-lower(K K^T * D) (the algebra of ``chunked.py``):
+
+    e   = solve(I + A diag(beta), V - Gamma K S)    (delta rule; gla: V - Gamma K S - A (beta V))
+    o1  = Gamma Q S + (Q K^T * D) (beta x)           (x = e or v; strictly causal in residual modes)
+    S  <- exp(b_C) S + (K * exp(b_C - b) * beta)^T x
+
+and for the residual modes the same pass again on r = clamp(e, -clip, clip) with strength gamma
+and state R, added as o = o1 + gamma * o2. The error e of pass 1 never leaves registers. The unit
+lower solve is a forward substitution over the rows of the [C, C] tile (row i of a register tile
+is taken with a masked sum: tiles cannot be indexed by a loop variable).
+
+g = -inf is an exact reset: b sums the finite g only, a running count n of resets marks segments,
+and every decay between different segments is exp(-inf) = 0. Every exponent is <= 0.
+Varlen (``cu_seqlens``, batch 1): a program's sequence is tokens [bos, eos) and its initial and
+final states are row n of [N, H, K, V]. Kernels load any float dtype and compute in fp32 at once
+(the interpreter computes bf16 wrongly); the output is stored in its tensor's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # raised where this module is imported; dispatch decides what that means
+    raise ImportError(f"the Triton chunk kernels need the triton package ({err})") from err
+
+
+@triton.jit
+def _solve_unit_lower(lower, rhs, C: tl.constexpr):
+    """x with (I + lower) x = rhs; lower [C, C] strictly lower, rhs [C, BV]; forward substitution."""
+    rows = tl.arange(0, C)
+    x = rhs
+    for i in range(1, C):
+        l_i = tl.sum(tl.where(rows[:, None] == i, lower, 0.0), axis=0)  # row i of lower, over columns j < i
+        x = tl.where(rows[:, None] == i, x - tl.sum(l_i[:, None] * x, axis=0)[None, :], x)
+    return x
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    q, k, v, g, beta, gamma, s0, r0, o, s_out, r_out, cu_seqlens,
+    scale, clip, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DELTA: tl.constexpr, RESIDUAL: tl.constexpr, HAS_S0: tl.constexpr, HAS_R0: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        bos = i_n.to(tl.int64) * T
+        seq_len = bos * 0 + T
+    rows = tl.arange(0, C)
+    strict = rows[:, None] > rows[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+
+    # states [BK, BV] fp32; rows n of [N, H, K, V] (int64: N * H * K * V may pass 2^31)
+    state_off = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+    m_state = m_k[:, None] & m_v[None, :]
+    if HAS_S0:
+        S = tl.load(s0 + state_off, mask=m_state, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    if RESIDUAL:
+        if HAS_R0:
+            R = tl.load(r0 + state_off, mask=m_state, other=0.0).to(tl.float32)
+        else:
+            R = tl.zeros([BK, BV], dtype=tl.float32)
+
+    n_chunks = (seq_len + C - 1) // C
+    for i_c in range(0, n_chunks):
+        t_in = i_c * C + rows  # position in the sequence
+        valid = t_in < seq_len
+        tok = bos + t_in  # token index in the flat [B * T] (or packed) order
+        m_qk = valid[:, None] & m_k[None, :]
+        m_vv = valid[:, None] & m_v[None, :]
+        # padding tokens load k = v = beta = gamma = 0 and g = 0: they leave the states as they are
+        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_qk, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_vv, other=0.0).to(tl.float32)
+        b_g = tl.load(g + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+
+        # decays; a reset adds 0 to b and 1 to n, and decays across segments are exp(-inf) = 0
+        reset = b_g == float("-inf")
+        g_fin = tl.where(reset, 0.0, b_g)
+        b_b = tl.cumsum(g_fin, axis=0)
+        b_n = tl.cumsum(reset.to(tl.int32), axis=0)
+        b_last = tl.sum(g_fin, axis=0)  # b at the chunk's end (padding has g = 0)
+        n_last = tl.sum(reset.to(tl.int32), axis=0)
+        same = causal & (b_n[:, None] == b_n[None, :])
+        decay = tl.exp(tl.where(same, b_b[:, None] - b_b[None, :], float("-inf")))  # [C, C]
+        growth = tl.exp(tl.where(b_n == 0, b_b, float("-inf")))  # exp(b_t), 0 after a reset
+        to_end = tl.exp(tl.where(b_n == n_last, b_last - b_b, float("-inf")))  # exp(b_C - b_t)
+        chunk_decay = tl.sum(tl.where(rows == C - 1, growth, 0.0), axis=0)  # exp(b_C)
+
+        qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * decay  # inclusive: reads S_t
+        kk = tl.where(strict, tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION) * decay, 0.0)
+        q_g = b_q * growth[:, None]
+        k_g = b_k * growth[:, None]
+
+        # pass 1: base state S; e = v_t - S~_t^T k_t for every t of the chunk
+        pred = b_v - tl.dot(k_g, S, input_precision=PRECISION)
+        if DELTA:
+            e = _solve_unit_lower(kk * b_beta[None, :], pred, C)
+            w1 = e
+        else:
+            w1 = b_v
+            if RESIDUAL:
+                e = pred - tl.dot(kk, b_v * b_beta[:, None], input_precision=PRECISION)
+        if RESIDUAL:  # noqa: SIM108 (a constexpr branch, kept out of a ternary for the Triton compiler)
+            # the base output of residual modes reads S~_t (before the token's write)
+            attn1 = tl.where(strict, qk, 0.0)
+        else:
+            attn1 = qk
+        b_o = tl.dot(q_g, S, input_precision=PRECISION) + tl.dot(attn1, w1 * b_beta[:, None], input_precision=PRECISION)
+        k_w = b_k * (to_end * b_beta)[:, None]
+        S = S * chunk_decay + tl.dot(tl.trans(k_w), w1, input_precision=PRECISION)
+
+        if RESIDUAL:  # pass 2 on the clipped error, straight from registers
+            b_gamma = tl.load(gamma + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+            r = tl.minimum(tl.maximum(e, -clip), clip)
+            if DELTA:
+                w2 = _solve_unit_lower(kk * b_gamma[None, :], r - tl.dot(k_g, R, input_precision=PRECISION), C)
+            else:
+                w2 = r
+            o2 = tl.dot(q_g, R, input_precision=PRECISION) + tl.dot(
+                qk, w2 * b_gamma[:, None], input_precision=PRECISION
+            )
+            b_o += b_gamma[:, None] * o2
+            k_w2 = b_k * (to_end * b_gamma)[:, None]
+            R = R * chunk_decay + tl.dot(tl.trans(k_w2), w2, input_precision=PRECISION)
+
+        o_ptr = o + (tok[:, None] * H + i_h) * V + o_v[None, :]
+        tl.store(o_ptr, b_o.to(o.dtype.element_ty), mask=m_vv)
+
+    tl.store(s_out + state_off, S, mask=m_state)
+    if RESIDUAL:
+        tl.store(r_out + state_off, R, mask=m_state)
+
+
+def chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor | None,
+    S0: torch.Tensor | None,
+    R0: torch.Tensor | None,
+    *,
+    delta: bool,
+    residual: bool,
+    clip: float,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the fused forward. Inputs contiguous; q, k [B, T, H, K], v [B, T, H, V], gates [B, T, H].
+
+    S0, R0: [N, H, K, V] or None (N = B, or len(cu_seqlens) - 1 for varlen). Returns o [B, T, H, V]
+    in q's dtype and the final S, R [N, H, K, V] in fp32 (R None unless ``residual``).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size must be 16, 32 or 64; got {chunk_size}")
+    BK = max(16, triton.next_power_of_2(K))
+    if BK > 256:
+        raise ValueError(f"the Triton chunk kernels take head dims K <= 256; got K = {K}")
+    # states of [BK, BV] fp32 live in registers: narrower V tiles for wide keys and two states
+    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 64 else 32))
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    S = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
+    R = torch.empty_like(S) if residual else None
+    # fp32 inputs get fp32 products; half inputs tf32 (their own rounding is coarser)
+    precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    grid = (triton.cdiv(V, BV), N * H)
+    _chunk_fwd_kernel[grid](
+        q, k, v, g, beta, gamma if residual else beta, S0 if S0 is not None else S, R0 if R0 is not None else S,
+        o, S, R if residual else S, cu_seqlens if cu_seqlens is not None else q,
+        scale, clip, T,
+        H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DELTA=delta, RESIDUAL=residual,
+        HAS_S0=S0 is not None, HAS_R0=R0 is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=precision,
+        num_warps=4,
+    )  # fmt: skip
+    return o, S, R
