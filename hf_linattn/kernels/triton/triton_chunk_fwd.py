@@ -1,6 +1,6 @@
 """Chunked forward of residual linear attention in Triton: one fused kernel, both passes per chunk.
 
-One program per (V-tile, sequence x head) walks the chunks of its sequence in order, keeping the
+One program per (sequence x head, V-tile) walks the chunks of its sequence in order, keeping the
 base state S (and, for rla/rdn, the residual state R) as fp32 [BK, BV] tiles in registers. Value
 columns never interact (errors, clip and both states are column-wise), so V is tiled; K is whole.
 Per chunk of C tokens, with b the chunk-local cumulative log-decay, D_ts = exp(b_t - b_s) (s <= t),
@@ -45,24 +45,48 @@ def _solve_unit_lower(lower, rhs, C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decays(b_g, C: tl.constexpr):
+    """Decays of one chunk from its log-decays b_g [C] (-inf: reset; padding: 0).
+
+    Returns (reset [C], decay [C, C] = exp(b_t - b_s) for s <= t in one segment else 0,
+    growth [C] = exp(b_t) before the first reset else 0, to_end [C] = exp(b_C - b_t) after the last
+    reset else 0, chunk_decay = exp(b_C) or 0). A reset adds 0 to b and 1 to the segment count n.
+    """
+    rows = tl.arange(0, C)
+    reset = b_g == float("-inf")
+    g_fin = tl.where(reset, 0.0, b_g)
+    b_b = tl.cumsum(g_fin, axis=0)
+    b_n = tl.cumsum(reset.to(tl.int32), axis=0)
+    b_last = tl.sum(g_fin, axis=0)  # b at the chunk's end (padding has g = 0)
+    n_last = tl.sum(reset.to(tl.int32), axis=0)
+    same = (rows[:, None] >= rows[None, :]) & (b_n[:, None] == b_n[None, :])
+    decay = tl.exp(tl.where(same, b_b[:, None] - b_b[None, :], float("-inf")))
+    growth = tl.exp(tl.where(b_n == 0, b_b, float("-inf")))
+    to_end = tl.exp(tl.where(b_n == n_last, b_last - b_b, float("-inf")))
+    chunk_decay = tl.sum(tl.where(rows == C - 1, growth, 0.0), axis=0)
+    return reset, decay, growth, to_end, chunk_decay
+
+
+@triton.jit
 def _chunk_fwd_kernel(
-    q, k, v, g, beta, gamma, s0, r0, o, s_out, r_out, cu_seqlens,
-    scale, clip, T,
+    q, k, v, g, beta, gamma, s0, r0, o, s_out, r_out, cu_seqlens, chunk_offsets, states_s, states_r,
+    scale, clip, T, NT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DELTA: tl.constexpr, RESIDUAL: tl.constexpr, HAS_S0: tl.constexpr, HAS_R0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_STATES: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # sequences x heads on axis 0 (axis 1 stops at 65535)
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        chunk_base = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
         bos = i_n.to(tl.int64) * T
         seq_len = bos * 0 + T
+        chunk_base = i_n.to(tl.int64) * NT
     rows = tl.arange(0, C)
     strict = rows[:, None] > rows[None, :]
-    causal = rows[:, None] >= rows[None, :]
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -93,19 +117,13 @@ def _chunk_fwd_kernel(
         b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_vv, other=0.0).to(tl.float32)
         b_g = tl.load(g + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        if STORE_STATES:  # entering states of every chunk, [chunks, H, K, V], for the backward
+            chunk_off = ((chunk_base + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+            tl.store(states_s + chunk_off, S, mask=m_state)
+            if RESIDUAL:
+                tl.store(states_r + chunk_off, R, mask=m_state)
 
-        # decays; a reset adds 0 to b and 1 to n, and decays across segments are exp(-inf) = 0
-        reset = b_g == float("-inf")
-        g_fin = tl.where(reset, 0.0, b_g)
-        b_b = tl.cumsum(g_fin, axis=0)
-        b_n = tl.cumsum(reset.to(tl.int32), axis=0)
-        b_last = tl.sum(g_fin, axis=0)  # b at the chunk's end (padding has g = 0)
-        n_last = tl.sum(reset.to(tl.int32), axis=0)
-        same = causal & (b_n[:, None] == b_n[None, :])
-        decay = tl.exp(tl.where(same, b_b[:, None] - b_b[None, :], float("-inf")))  # [C, C]
-        growth = tl.exp(tl.where(b_n == 0, b_b, float("-inf")))  # exp(b_t), 0 after a reset
-        to_end = tl.exp(tl.where(b_n == n_last, b_last - b_b, float("-inf")))  # exp(b_C - b_t)
-        chunk_decay = tl.sum(tl.where(rows == C - 1, growth, 0.0), axis=0)  # exp(b_C)
+        _, decay, growth, to_end, chunk_decay = _chunk_decays(b_g, C)
 
         qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * decay  # inclusive: reads S_t
         kk = tl.where(strict, tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION) * decay, 0.0)
@@ -152,6 +170,33 @@ def _chunk_fwd_kernel(
         tl.store(r_out + state_off, R, mask=m_state)
 
 
+def key_tile(K: int) -> int:
+    """The key tile: all of K, padded to a power of two (at least 16, for tl.dot)."""
+    BK = max(16, triton.next_power_of_2(K))
+    if BK > 256:
+        raise ValueError(f"the Triton chunk kernels take head dims K <= 256; got K = {K}")
+    return BK
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get fp32 products; half inputs tf32 (their own rounding is coarser)."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, C: int) -> tuple[torch.Tensor | None, int, int]:
+    """(chunk_offsets, NT, total): where each sequence's chunks start in a per-chunk buffer.
+
+    Batched: sequence n's chunks are n * NT + [0, NT), NT = ceil(T / C). Varlen: chunk_offsets [N]
+    (exclusive cumsum of ceil(len / C)); total is an upper bound known without a host sync.
+    """
+    NT = triton.cdiv(T, C)
+    if cu_seqlens is None:
+        return None, NT, B * NT
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + C - 1) // C
+    offsets = torch.cumsum(counts, 0) - counts
+    return offsets.to(torch.int64), NT, T // C + cu_seqlens.numel() - 1
+
+
 def chunk_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,34 +213,41 @@ def chunk_forward(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    store_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Launch the fused forward. Inputs contiguous; q, k [B, T, H, K], v [B, T, H, V], gates [B, T, H].
 
     S0, R0: [N, H, K, V] or None (N = B, or len(cu_seqlens) - 1 for varlen). Returns o [B, T, H, V]
-    in q's dtype and the final S, R [N, H, K, V] in fp32 (R None unless ``residual``).
+    in q's dtype, the final S, R [N, H, K, V] in fp32 (R None unless ``residual``) and, if
+    ``store_states``, the entering (S, R) of every chunk, each [chunks, H, K, V] fp32 (see
+    ``chunk_layout``), else None.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if chunk_size not in (16, 32, 64):
         raise ValueError(f"chunk_size must be 16, 32 or 64; got {chunk_size}")
-    BK = max(16, triton.next_power_of_2(K))
-    if BK > 256:
-        raise ValueError(f"the Triton chunk kernels take head dims K <= 256; got K = {K}")
+    BK = key_tile(K)
     # states of [BK, BV] fp32 live in registers: narrower V tiles for wide keys and two states
     BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 64 else 32))
     o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
     S = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device)
     R = torch.empty_like(S) if residual else None
-    # fp32 inputs get fp32 products; half inputs tf32 (their own rounding is coarser)
-    precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    grid = (triton.cdiv(V, BV), N * H)
+    chunk_offsets, NT, total = chunk_layout(cu_seqlens, B, T, chunk_size)
+    states = None
+    if store_states:
+        # chunks no sequence reaches (varlen bound) are never read; empty is fine
+        states_s = torch.empty(total, H, K, V, dtype=torch.float32, device=q.device)
+        states = (states_s, torch.empty_like(states_s) if residual else None)
+    grid = (N * H, triton.cdiv(V, BV))
     _chunk_fwd_kernel[grid](
         q, k, v, g, beta, gamma if residual else beta, S0 if S0 is not None else S, R0 if R0 is not None else S,
         o, S, R if residual else S, cu_seqlens if cu_seqlens is not None else q,
-        scale, clip, T,
+        chunk_offsets if chunk_offsets is not None else q,
+        states[0] if states else S, states[1] if states and residual else S,
+        scale, clip, T, NT,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DELTA=delta, RESIDUAL=residual,
-        HAS_S0=S0 is not None, HAS_R0=R0 is not None, IS_VARLEN=cu_seqlens is not None, PRECISION=precision,
-        num_warps=4,
+        HAS_S0=S0 is not None, HAS_R0=R0 is not None, IS_VARLEN=cu_seqlens is not None,
+        STORE_STATES=store_states, PRECISION=dot_precision(q.dtype), num_warps=4,
     )  # fmt: skip
-    return o, S, R
+    return o, S, R, states
