@@ -96,7 +96,7 @@ def path(fn, mode, **kw):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_forward_matches_reference_fp32(mode, chunk):
     x = make_inputs(mode, seed=1)
     ref = call(recurrent_residual_attention, x, mode)

@@ -24,16 +24,17 @@ class _ChunkResidualAttention(torch.autograd.Function):
         kw = {"delta": is_delta(mode), "residual": is_residual(mode), "clip": clip, "scale": scale}
         kw |= {"cu_seqlens": cu_seqlens, "chunk_size": chunk_size}
         training = any(ctx.needs_input_grad[:8])
-        o, S, R, states = chunk_forward(q, k, v, g, beta, gamma, S0, R0, store_states=training, **kw)
+        o, S, R, aux = chunk_forward(q, k, v, g, beta, gamma, S0, R0, store_states=training, **kw)
         if training:
-            ctx.save_for_backward(q, k, v, g, beta, gamma, S0, R0, *states)
-            ctx.kw = kw
+            ctx.save_for_backward(q, k, v, g, beta, gamma, S0, R0)
+            ctx.kw, ctx.aux = kw, aux  # intermediates (stored states, inverses), not inputs or outputs
         return o, S, R
 
     @staticmethod
     def backward(ctx, do, dS, dR):
-        q, k, v, g, beta, gamma, S0, R0, states_s, states_r = ctx.saved_tensors
-        grads = chunk_backward(q, k, v, g, beta, gamma, (states_s, states_r), do, dS, dR, **ctx.kw)
+        q, k, v, g, beta, gamma, S0, R0 = ctx.saved_tensors
+        grads = chunk_backward(q, k, v, g, beta, gamma, ctx.aux, do, dS, dR, **ctx.kw)
+        ctx.aux = None  # free the stored states now
         inputs = (q, k, v, g, beta, gamma, S0, R0)
         result = [
             None if x is None or not need else grad.to(x.dtype)

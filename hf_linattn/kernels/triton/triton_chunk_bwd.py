@@ -2,8 +2,9 @@
 
 One program per (sequence x head, V-tile), like the forward. It walks its chunks from the last to
 the first, carrying dS (and dR) in registers, and per chunk recomputes what the forward computed
-from the chunk's entering states (stored by the forward with ``store_states``): decays, e, the
-clipped r and the residual pass. Then it runs the chain rule backwards through, in order,
+from the chunk's entering states (stored by the forward with ``store_states``) and the forward's
+inverses T1, T2: decays, e, the clipped r and the residual pass. Then it runs the chain rule
+backwards through, in order,
 
     R' = exp(b_C) R + (K exp(b_C - b) gamma)^T w2,  o2 = Gamma Q R + (Q K^T * D)(gamma w2)
     w2 = solve(I + A diag(gamma), r - Gamma K R)    (rdn; rla: w2 = r)
@@ -11,7 +12,7 @@ clipped r and the residual pass. Then it runs the chain rule backwards through, 
     S' = exp(b_C) S + (K exp(b_C - b) beta)^T w1,   o1 = Gamma Q S + (Q K^T * D)(beta w1)
     e  = solve(I + A diag(beta), V - Gamma K S)      (delta; gla: e = V - Gamma K S - A (beta V))
 
-where x = solve(I + L, y) has dy = solve((I + L)^T, dx) and dL = -dy x^T (strictly lower part),
+where x = (I + L)^-1 y has dy = (I + L)^-T dx and dL = -dy x^T (strictly lower part),
 and finally through the decays into g (dg_t = sum over u >= t of db_u; zero where g = -inf).
 Value columns are independent, but dq, dk, dg, dbeta, dgamma sum over them: each V-tile writes
 its partial sums to a [NV, ...] buffer that the launcher adds up (one tile when V <= BV).
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_chunk_fwd import _chunk_decays, _solve_unit_lower, chunk_layout, dot_precision, key_tile
+from .triton_chunk_fwd import _chunk_decays, dot_precision, key_tile
 
 try:
     import triton
@@ -31,25 +32,13 @@ except ImportError as err:  # raised where this module is imported; dispatch dec
 
 
 @triton.jit
-def _solve_unit_upper_transposed(lower, rhs, C: tl.constexpr):
-    """y with (I + lower)^T y = rhs; lower [C, C] strictly lower, rhs [C, BV]; backward substitution."""
-    rows = tl.arange(0, C)
-    y = rhs
-    for j in range(1, C):
-        i = C - 1 - j
-        l_i = tl.sum(tl.where(rows[None, :] == i, lower, 0.0), axis=1)  # column i of lower, over rows > i
-        y = tl.where(rows[:, None] == i, y - tl.sum(l_i[:, None] * y, axis=0)[None, :], y)
-    return y
-
-
-@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
 def _chunk_bwd_kernel(
-    q, k, v, g, beta, gamma, states_s, states_r, do, ds_final, dr_final, cu_seqlens, chunk_offsets,
+    q, k, v, g, beta, gamma, states_s, states_r, t1, t2, do, ds_final, dr_final, cu_seqlens, chunk_offsets,
     dq, dk, dv, dg, dbeta, dgamma, ds0, dr0,
     scale, clip, T, NT, n_tokens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -103,7 +92,9 @@ def _chunk_bwd_kernel(
         b_do = tl.load(do + v_off, mask=m_vv, other=0.0).to(tl.float32)
         b_g = tl.load(g + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        chunk_off = ((chunk_base + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        slot = (chunk_base + i_c) * H + i_h  # this chunk and head in the per-chunk buffers
+        chunk_off = slot * K * V + o_k[:, None] * V + o_v[None, :]
+        t_off = slot * C * C + rows[:, None] * C + rows[None, :]
         S = tl.load(states_s + chunk_off, mask=m_state, other=0.0)
 
         # recompute the chunk's forward
@@ -116,7 +107,8 @@ def _chunk_bwd_kernel(
         k_g = b_k * growth[:, None]
         pred = b_v - _dot(k_g, S, PRECISION)
         if DELTA:
-            e = _solve_unit_lower(kk * b_beta[None, :], pred, C)
+            b_t1 = tl.load(t1 + t_off)  # (I + A diag(beta))^-1
+            e = _dot(b_t1, pred, PRECISION)
             w1 = e
         else:
             w1 = b_v
@@ -135,8 +127,9 @@ def _chunk_bwd_kernel(
             R = tl.load(states_r + chunk_off, mask=m_state, other=0.0)
             b_gamma = tl.load(gamma + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
             r = tl.minimum(tl.maximum(e, -clip), clip)
-            if DELTA:  # noqa: SIM108 (constexpr branches stay statements for the Triton compiler)
-                w2 = _solve_unit_lower(kk * b_gamma[None, :], r - _dot(k_g, R, PRECISION), C)
+            if DELTA:
+                b_t2 = tl.load(t2 + t_off)  # (I + A diag(gamma))^-1
+                w2 = _dot(b_t2, r - _dot(k_g, R, PRECISION), PRECISION)
             else:
                 w2 = r
             o2 = _dot(q_g, R, PRECISION) + _dot(qk, w2 * b_gamma[:, None], PRECISION)
@@ -147,10 +140,10 @@ def _chunk_bwd_kernel(
             k_w2 = b_k * (to_end * b_gamma)[:, None]
             d_w2 = _dot(k_w2, dR, PRECISION)
             d_kw2 = _dot(w2, tl.trans(dR), PRECISION)
-            t2 = tl.sum(d_kw2 * b_k, axis=1)
+            dkw2_k = tl.sum(d_kw2 * b_k, axis=1)
             d_k += d_kw2 * (to_end * b_gamma)[:, None]
-            d_to_end += t2 * b_gamma
-            d_gamma += t2 * to_end
+            d_to_end += dkw2_k * b_gamma
+            d_gamma += dkw2_k * to_end
             dR_prev = dR * chunk_decay + _dot(tl.trans(q_g), d_o2, PRECISION)
             # o2 = Gamma Q R + qk (gamma w2)
             d_qg += _dot(d_o2, tl.trans(R), PRECISION)
@@ -159,7 +152,7 @@ def _chunk_bwd_kernel(
             d_w2 += b_gamma[:, None] * qtd
             d_gamma += tl.sum(w2 * qtd, axis=1)
             if DELTA:  # w2 = solve(I + A diag(gamma), r - Gamma K R)
-                d_rhs2 = _solve_unit_upper_transposed(kk * b_gamma[None, :], d_w2, C)
+                d_rhs2 = _dot(tl.trans(b_t2), d_w2, PRECISION)
                 d_l2 = -_dot(d_rhs2, tl.trans(w2), PRECISION)
                 d_kk += d_l2 * b_gamma[None, :]
                 d_gamma += tl.sum(d_l2 * kk, axis=0)
@@ -178,10 +171,10 @@ def _chunk_bwd_kernel(
         k_w1 = b_k * (to_end * b_beta)[:, None]
         d_w1 = _dot(k_w1, dS, PRECISION)
         d_kw1 = _dot(w1, tl.trans(dS), PRECISION)
-        t1 = tl.sum(d_kw1 * b_k, axis=1)
+        dkw1_k = tl.sum(d_kw1 * b_k, axis=1)
         d_k += d_kw1 * (to_end * b_beta)[:, None]
-        d_to_end += t1 * b_beta
-        d_beta += t1 * to_end
+        d_to_end += dkw1_k * b_beta
+        d_beta += dkw1_k * to_end
         dS_prev = dS * chunk_decay + _dot(tl.trans(q_g), b_do, PRECISION)
         d_qg += _dot(b_do, tl.trans(S), PRECISION)
         d_attn1 = _dot(b_do, tl.trans(w1 * b_beta[:, None]), PRECISION)
@@ -197,7 +190,7 @@ def _chunk_bwd_kernel(
         if DELTA:  # e = w1 = solve(I + A diag(beta), V - Gamma K S)
             if RESIDUAL:
                 d_w1 += d_e
-            d_pred = _solve_unit_upper_transposed(kk * b_beta[None, :], d_w1, C)
+            d_pred = _dot(tl.trans(b_t1), d_w1, PRECISION)
             d_l1 = -_dot(d_pred, tl.trans(e), PRECISION)
             d_kk += d_l1 * b_beta[None, :]
             d_beta += tl.sum(d_l1 * kk, axis=0)
@@ -250,7 +243,7 @@ def chunk_backward(
     g: torch.Tensor,
     beta: torch.Tensor,
     gamma: torch.Tensor | None,
-    states: tuple[torch.Tensor, torch.Tensor | None],
+    aux: dict,
     do: torch.Tensor,
     dS: torch.Tensor | None,
     dR: torch.Tensor | None,
@@ -264,7 +257,7 @@ def chunk_backward(
 ) -> tuple[torch.Tensor, ...]:
     """Gradients (dq, dk, dv, dg, dbeta, dgamma, dS0, dR0) in fp32, shaped as the inputs and states.
 
-    ``states``: the entering states of every chunk from ``chunk_forward(..., store_states=True)``;
+    ``aux``: what ``chunk_forward(..., store_states=True)`` returned (layout, inverses, states);
     do [B, T, H, V]; dS, dR: gradients of the final states [N, H, K, V] or None (zero). dgamma and
     dR0 are None unless ``residual``.
     """
@@ -275,7 +268,7 @@ def chunk_backward(
     # more tiles live here than in the forward: narrower value tiles
     BV = max(16, min(triton.next_power_of_2(V), 32 if BK <= 64 else 16))
     NV = triton.cdiv(V, BV)
-    chunk_offsets, NT, _ = chunk_layout(cu_seqlens, B, T, chunk_size)
+    layout = aux["layout"]
     f32 = {"dtype": torch.float32, "device": q.device}
     dq, dk = torch.empty(NV, B, T, H, K, **f32), torch.empty(NV, B, T, H, K, **f32)
     dv = torch.empty(B, T, H, V, **f32)
@@ -283,13 +276,17 @@ def chunk_backward(
     dgamma = torch.empty(NV, B, T, H, **f32) if residual else None
     dS0 = torch.empty(N, H, K, V, **f32)
     dR0 = torch.empty_like(dS0) if residual else None
-    states_s, states_r = states
+    states_s, states_r = aux["states"]
+    t1, t2 = aux["inverses"] or (states_s, None)
+    if N * H == 0:
+        return dq.sum(0), dk.sum(0), dv, dg.sum(0), dbeta.sum(0), None if dgamma is None else dgamma.sum(0), dS0, dR0
     _chunk_bwd_kernel[(N * H, NV)](
         q, k, v, g, beta, gamma if residual else beta, states_s, states_r if residual else states_s,
+        t1, t2 if t2 is not None else t1,
         do.contiguous(), dS.contiguous() if dS is not None else dS0, dR.contiguous() if dR is not None else dS0,
-        cu_seqlens if cu_seqlens is not None else q, chunk_offsets if chunk_offsets is not None else q,
+        cu_seqlens if cu_seqlens is not None else q, layout["offsets"] if cu_seqlens is not None else q,
         dq, dk, dv, dg, dbeta, dgamma if residual else dg, dS0, dR0 if residual else dS0,
-        scale, clip, T, NT, B * T,
+        scale, clip, T, layout["NT"], B * T,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DELTA=delta, RESIDUAL=residual,
         HAS_DS=dS is not None, HAS_DR=residual and dR is not None, IS_VARLEN=cu_seqlens is not None,
         PRECISION=dot_precision(q.dtype), num_warps=4,
