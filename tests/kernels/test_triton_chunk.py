@@ -126,10 +126,14 @@ def test_forward_half_inputs(mode, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_value_tiles_and_odd_sizes(mode):
-    """K = 20 (padded key tile) and V = 80 (two value tiles, the second partial), T = 23, one chunk of 32."""
+    """K = 20 (padded key tile), V = 80 (value tiles of 64 forward, 32 backward, the last partial), T = 23."""
     x = make_inputs(mode, B=1, T=23, H=1, K=20, V=80, seed=3)
-    ref = call(recurrent_residual_attention, x, mode)
-    check_close(call(chunk_residual_attention_triton, cast(x, torch.float32), mode, chunk_size=32), ref, TOL_FP32)
+    triton_path = path(chunk_residual_attention_triton, mode, chunk_size=32)
+    check_close(triton_path(cast(x, torch.float32)), call(recurrent_residual_attention, x, mode), TOL_FP32)
+    ref = grads_of(path(recurrent_residual_attention, mode), cast(x, torch.float64, True))
+    got = grads_of(triton_path, cast(x, torch.float32, True))
+    for name, r in ref.items():
+        assert rel_err(got[name], r) < TOL_GRAD, (name, rel_err(got[name], r))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -221,7 +225,7 @@ def test_outputs_poisoned_with_nan_are_fully_written(mode, monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
     assert torch.empty(2).isnan().all() and torch.empty_like(torch.ones(2)).isnan().all()
-    x = cast(make_inputs(mode, seed=7, V=24), torch.float32, True)  # V = 24: a partial value tile
+    x = cast(make_inputs(mode, seed=7, V=40), torch.float32, True)  # V = 40: partial value tiles
     o, S, R = call(chunk_residual_attention_triton, x, mode, chunk_size=16)
     for t in (o, S, R):
         assert t is None or torch.isfinite(t).all()

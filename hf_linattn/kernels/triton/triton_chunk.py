@@ -62,7 +62,7 @@ def chunk_residual_attention_triton(
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g, beta, gamma: [B, T, H] (gamma None for gla/gdn);
     initial_state: (S0, R0), each [N, H, K, V] or None (N = B, or len(cu_seqlens) - 1).
-    cu_seqlens: int32/int64 [N + 1] offsets of packed sequences (B must be 1), each starting from
+    cu_seqlens: int32/int64 [N + 1] offsets of packed sequences (B must be 1, cu_seqlens[-1] == T), each from
     its own initial state. chunk_size: 16, 32 or 64. K <= 256.
     Returns o [B, T, H, V] in q's dtype and, if ``output_final_state``, (S, R) each [N, H, K, V]
     in fp32 (R None for gla/gdn), else None. Any float input dtype is computed in fp32.
