@@ -233,6 +233,20 @@ def test_outputs_poisoned_with_nan_are_fully_written(mode, monkeypatch):
         assert torch.isfinite(grad).all(), name
 
 
+def test_no_grad_stores_no_states(monkeypatch):
+    """Under torch.no_grad the forward keeps no per-chunk states, even for inputs that require grad."""
+    import hf_linattn.kernels.triton.triton_chunk as module
+
+    seen = []
+    real = module.chunk_forward
+    monkeypatch.setattr(module, "chunk_forward", lambda *a, **kw: seen.append(kw["store_states"]) or real(*a, **kw))
+    x = cast(make_inputs("rdn", seed=12), torch.float32, True)
+    with torch.no_grad():
+        call(chunk_residual_attention_triton, x, "rdn", chunk_size=16)
+    call(chunk_residual_attention_triton, x, "rdn", chunk_size=16)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("mode", ["gdn", "rdn"])
 def test_without_states(mode):
     """No initial state means zero states; output_final_state=False returns None."""

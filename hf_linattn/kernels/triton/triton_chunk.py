@@ -20,10 +20,11 @@ from .triton_chunk_fwd import chunk_forward
 
 class _ChunkResidualAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, gamma, S0, R0, mode, clip, scale, cu_seqlens, chunk_size):
+    def forward(ctx, q, k, v, g, beta, gamma, S0, R0, mode, clip, scale, cu_seqlens, chunk_size, grad_enabled):
         kw = {"delta": is_delta(mode), "residual": is_residual(mode), "clip": clip, "scale": scale}
         kw |= {"cu_seqlens": cu_seqlens, "chunk_size": chunk_size}
-        training = any(ctx.needs_input_grad[:8])
+        # needs_input_grad is also True under no_grad (then no backward comes): the caller's grad mode decides
+        training = grad_enabled and any(ctx.needs_input_grad[:8])
         o, S, R, aux = chunk_forward(q, k, v, g, beta, gamma, S0, R0, store_states=training, **kw)
         if training:
             ctx.save_for_backward(q, k, v, g, beta, gamma, S0, R0)
@@ -40,7 +41,7 @@ class _ChunkResidualAttention(torch.autograd.Function):
             None if x is None or not need else grad.to(x.dtype)
             for x, grad, need in zip(inputs, grads, ctx.needs_input_grad)
         ]
-        return (*result, None, None, None, None, None)
+        return (*result, None, None, None, None, None, None)
 
 
 def chunk_residual_attention_triton(
@@ -74,5 +75,6 @@ def chunk_residual_attention_triton(
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs packed sequences in a batch of 1; got batch {q.shape[0]}")
     tensors = [None if x is None else x.contiguous() for x in (q, k, v, g, beta, gamma, S0, R0)]
-    o, S, R = _ChunkResidualAttention.apply(*tensors, mode, clip, scale, cu_seqlens, chunk_size)
+    grad_enabled = torch.is_grad_enabled()
+    o, S, R = _ChunkResidualAttention.apply(*tensors, mode, clip, scale, cu_seqlens, chunk_size, grad_enabled)
     return o, ((S, R) if output_final_state else None)
