@@ -233,6 +233,18 @@ def test_outputs_poisoned_with_nan_are_fully_written(mode, monkeypatch):
         assert torch.isfinite(grad).all(), name
 
 
+def test_varlen_arguments_are_checked():
+    x = cast(make_inputs("rdn", B=1, seed=13), torch.float32)
+    cu = torch.tensor([0, 10, 40], device=DEVICE)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        call(chunk_residual_attention_triton, x, "rdn", cu_seqlens=cu)
+    with pytest.raises(ValueError, match="int32/int64"):
+        call(chunk_residual_attention_triton, x, "rdn", cu_seqlens=cu.float())
+    x2 = cast(make_inputs("rdn", B=2, seed=13), torch.float32)
+    with pytest.raises(ValueError, match="batch of 1"):
+        call(chunk_residual_attention_triton, x2, "rdn", cu_seqlens=torch.tensor([0, 40, 80], device=DEVICE))
+
+
 def test_no_grad_stores_no_states(monkeypatch):
     """Under torch.no_grad the forward keeps no per-chunk states, even for inputs that require grad."""
     import hf_linattn.kernels.triton.triton_chunk as module

@@ -72,8 +72,17 @@ def chunk_residual_attention_triton(
     S0, R0 = initial_state if initial_state is not None else (None, None)
     if not residual:
         gamma = R0 = None
-    if cu_seqlens is not None and q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs packed sequences in a batch of 1; got batch {q.shape[0]}")
+    if cu_seqlens is not None:  # shape checks only: the values would cost a host sync
+        if q.shape[0] != 1:
+            raise ValueError(f"cu_seqlens needs packed sequences in a batch of 1; got batch {q.shape[0]}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"cu_seqlens must be int32/int64 [N + 1], N >= 1; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        N = cu_seqlens.numel() - 1
+        for name, x in (("S0", S0), ("R0", R0)):
+            if x is not None and x.shape[0] != N:
+                raise ValueError(f"{name} must have one row per sequence ({N}); got {tuple(x.shape)}")
     tensors = [None if x is None else x.contiguous() for x in (q, k, v, g, beta, gamma, S0, R0)]
     grad_enabled = torch.is_grad_enabled()
     o, S, R = _ChunkResidualAttention.apply(*tensors, mode, clip, scale, cu_seqlens, chunk_size, grad_enabled)

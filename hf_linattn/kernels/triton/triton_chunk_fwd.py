@@ -241,7 +241,7 @@ def chunk_layout(cu_seqlens: torch.Tensor | None, B: int, T: int, C: int) -> dic
     if cu_seqlens is None:
         return {"NT": NT, "slots": B * NT, "offsets": None, "seq": None}
     N = cu_seqlens.numel() - 1
-    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + C - 1) // C
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + C - 1).to(torch.int64) // C
     ends = torch.cumsum(counts, 0)
     slots = T // C + N
     seq = torch.searchsorted(ends, torch.arange(slots, device=ends.device), right=True).clamp_(max=max(N - 1, 0))
