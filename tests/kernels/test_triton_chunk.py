@@ -118,7 +118,8 @@ def test_forward_half_inputs(mode, dtype):
     ref = call(recurrent_residual_attention, cast(x, torch.float64), mode)
     o, S, R = call(chunk_residual_attention_triton, x, mode, chunk_size=16)
     assert o.dtype == dtype and S.dtype == torch.float32
-    tol_o = 1e-2 if dtype == torch.bfloat16 else 2e-3  # o is rounded to the input dtype
+    # o is rounded to the input dtype; on the GPU, products of half inputs are tf32
+    tol_o = 1e-2 if dtype == torch.bfloat16 else (2e-3 if DEVICE == "cpu" else 5e-3)
     assert rel_err(o, ref[0]) < tol_o
     tol_state = TOL_FP32 if DEVICE == "cpu" else 5e-3  # tf32 products on the GPU
     check_close((S, R), ref[1:], tol_state)
