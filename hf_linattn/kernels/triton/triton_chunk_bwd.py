@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_chunk_fwd import _chunk_decays, dot_precision, key_tile
+from .triton_chunk_fwd import LAUNCH, _chunk_decays, dot_precision, key_tile
 
 try:
     import triton
@@ -289,7 +289,7 @@ def chunk_backward(
         scale, clip, T, layout["NT"], B * T,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DELTA=delta, RESIDUAL=residual,
         HAS_DS=dS is not None, HAS_DR=residual and dR is not None, IS_VARLEN=cu_seqlens is not None,
-        PRECISION=dot_precision(q.dtype), num_warps=4,
+        PRECISION=dot_precision(q.dtype), **LAUNCH,
     )  # fmt: skip
     return (
         dq.sum(0), dk.sum(0), dv, dg.sum(0), dbeta.sum(0), dgamma.sum(0) if residual else None, dS0, dR0,

@@ -37,6 +37,11 @@ except ImportError as err:  # raised where this module is imported; dispatch dec
     raise ImportError(f"the Triton chunk kernels need the triton package ({err})") from err
 
 
+# Launch settings of the sequential kernels (not tuned on a GPU yet). One stage: their loops carry many
+# live tiles, and multi-buffered loads would add shared memory without much to overlap with.
+LAUNCH = {"num_warps": 4, "num_stages": 1}
+
+
 @triton.jit
 def _solve_unit_lower(lower, rhs, C: tl.constexpr):
     """x with (I + lower) x = rhs; lower [C, C] strictly lower, rhs [C, BV]; forward substitution."""
@@ -320,6 +325,6 @@ def chunk_forward(
             t1, t2 if t2 is not None else t1, scale, clip, T, layout["NT"],
             H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DELTA=delta, RESIDUAL=residual,
             HAS_S0=S0 is not None, HAS_R0=R0 is not None, IS_VARLEN=cu_seqlens is not None,
-            STORE_STATES=store_states, PRECISION=dot_precision(q.dtype), num_warps=4,
+            STORE_STATES=store_states, PRECISION=dot_precision(q.dtype), **LAUNCH,
         )  # fmt: skip
     return o, S, R, aux
