@@ -160,6 +160,14 @@ def test_gradients_half_inputs(mode):
         assert rel_err(got[name], r) < 1e-2, (name, rel_err(got[name], r))
 
 
+def test_backward_twice_with_retained_graph():
+    x = cast(make_inputs("rdn", seed=14), torch.float32, True)
+    o, S, R = call(chunk_residual_attention_triton, x, "rdn", chunk_size=16)
+    first = torch.autograd.grad(o.sum() + S.sum() + R.sum(), x["k"], retain_graph=True)[0]
+    second = torch.autograd.grad(o.sum() + S.sum() + R.sum(), x["k"])[0]
+    assert torch.equal(first, second) and first.abs().sum() > 0
+
+
 def test_gradient_of_one_input_only():
     """Only q needs a gradient (states are still stored for the backward); the others get none."""
     x = cast(make_inputs("rdn", seed=11), torch.float32)

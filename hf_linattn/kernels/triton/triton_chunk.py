@@ -1,16 +1,18 @@
 """Chunked residual linear attention on Triton: ``chunk_residual_attention_triton``, differentiable.
 
-Forward: the fused kernel of ``triton_chunk_fwd.py`` (both passes of rla/rdn per chunk in one
-launch; the base error e feeds the residual pass from registers, never through HBM). When any
-input needs a gradient it also stores every chunk's entering states (S, R), fp32, [chunks, H, K, V].
-Backward: the fused reverse kernel of ``triton_chunk_bwd.py``, which recomputes each chunk from
-those states and returns the gradients of q, k, v, g, beta, gamma, S0 and R0 (the clip passes the
-gradient where |e| <= clip, as torch.clamp; g = -inf gets a zero gradient). Not twice differentiable.
+Forward (``triton_chunk_fwd.py``): a parallel kernel builds every chunk's unit-lower inverses (delta
+modes), then one sequential kernel per (sequence x head, V-tile) runs both passes of rla/rdn chunk by
+chunk (the base error e feeds the residual pass from registers, never through HBM). With grad mode on
+and an input that needs a gradient, it also stores every chunk's entering states (S, R), fp32.
+Backward (``triton_chunk_bwd.py``): one sequential kernel walks the chunks in reverse, recomputing each
+from those states, and returns the gradients of q, k, v, g, beta, gamma, S0 and R0 (the clip passes
+the gradient where |e| <= clip, as torch.clamp; g = -inf gets a zero gradient). Once differentiable.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from hf_linattn.kernels.modes import is_delta, is_residual
 
@@ -32,10 +34,10 @@ class _ChunkResidualAttention(torch.autograd.Function):
         return o, S, R
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dS, dR):
         q, k, v, g, beta, gamma, S0, R0 = ctx.saved_tensors
         grads = chunk_backward(q, k, v, g, beta, gamma, ctx.aux, do, dS, dR, **ctx.kw)
-        ctx.aux = None  # free the stored states now
         inputs = (q, k, v, g, beta, gamma, S0, R0)
         result = [
             None if x is None or not need else grad.to(x.dtype)
