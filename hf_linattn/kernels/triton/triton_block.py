@@ -71,13 +71,24 @@ def _block_decode_kernel(
     p_g, p_beta, p_gamma = g + i_b * sg_b + i_h * sg_h, beta + i_b * sb_b + i_h * sb_h, gamma + i_b * sc_b + i_h * sc_h
     p_o = o + (i_b * n * H + i_h) * V + offs_v  # o is [B, n, H, V] contiguous
     p_rec = i_bh * n  # row of token 0 of this (b, h) in the record's [B * H * n, *] layout
+    # Every token's inputs are loaded one iteration ahead (raw dtype, converted at use), so that their load
+    # latency overlaps the previous token's math: a block of n tokens then costs little more than one step.
+    # (gamma reads the beta pointer for gla/gdn: a valid address, never used.)
+    q_next = tl.load(p_q + offs_k, mask=mask_k, other=0)
+    k_next = tl.load(p_k + offs_k, mask=mask_k, other=0)
+    v_next = tl.load(p_v + offs_v, mask=mask_v, other=0)
+    g_next, beta_next, gamma_next = tl.load(p_g), tl.load(p_beta), tl.load(p_gamma)
     for t in range(n):
-        b_q = tl.load(p_q + t * sq_t + offs_k, mask=mask_k, other=0).to(DT) * scale
-        b_k = tl.load(p_k + t * sk_t + offs_k, mask=mask_k, other=0).to(DT)
-        b_v = tl.load(p_v + t * sv_t + offs_v, mask=mask_v, other=0).to(DT)
-        g_t = tl.load(p_g + t * sg_t).to(DT)
-        beta_t = tl.load(p_beta + t * sb_t).to(DT)
-        alpha = tl.exp(g_t)  # 0 for g = -inf: an exact reset of both states
+        b_q = q_next.to(DT) * scale
+        b_k = k_next.to(DT)
+        b_v = v_next.to(DT)
+        g_raw, beta_t, gamma_t = g_next, beta_next.to(DT), gamma_next.to(DT)
+        u = (t + 1) % n  # the next token (token 0 again after the last: loaded, never used)
+        q_next = tl.load(p_q + u * sq_t + offs_k, mask=mask_k, other=0)
+        k_next = tl.load(p_k + u * sk_t + offs_k, mask=mask_k, other=0)
+        v_next = tl.load(p_v + u * sv_t + offs_v, mask=mask_v, other=0)
+        g_next, beta_next, gamma_next = tl.load(p_g + u * sg_t), tl.load(p_beta + u * sb_t), tl.load(p_gamma + u * sc_t)
+        alpha = tl.exp(g_raw.to(DT))  # 0 for g = -inf: an exact reset of both states
 
         S = S * alpha  # S~: history is decayed before it predicts
         e = b_v - tl.sum(S * b_k[:, None], axis=0)  # [BV]
@@ -89,7 +100,6 @@ def _block_decode_kernel(
             x = beta_t * b_v
         S += b_k[:, None] * x[None, :]
         if RESIDUAL:
-            gamma_t = tl.load(p_gamma + t * sc_t).to(DT)
             R = R * alpha
             r = tl.minimum(tl.maximum(e, -clip), clip)
             if DELTA:  # R is a second delta rule whose values are r
@@ -109,7 +119,7 @@ def _block_decode_kernel(
             # keys and decays once per (b, h): the program of the first value block writes them
             if i_v == 0:
                 tl.store(rec_k + row * K + offs_k, b_k, mask=mask_k)
-                tl.store(rec_g + row, tl.load(p_g + t * sg_t).to(tl.float64))
+                tl.store(rec_g + row, g_raw.to(tl.float64))
 
     if FINAL:
         tl.store(s_out + state_offs, S, mask=mask_kv)
