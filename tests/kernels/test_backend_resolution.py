@@ -8,7 +8,9 @@ fake ``triton`` packages on sys.path.
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -261,3 +263,27 @@ def test_dispatch_equals_public_op_without_host_sync(mode, backend, monkeypatch)
     )  # fmt: skip
     monkeypatch.undo()
     assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
+
+
+def test_importing_without_triton_never_fails():
+    """In a fresh process where `import triton` fails, the package, its modeling and the kernels package import;
+    the kernels package lists no modes and "auto" resolves to torch even for CUDA tensors."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import hf_linattn
+        import hf_linattn.kernels.triton as kernels
+        from hf_linattn.kernels import ops
+        import hf_linattn.modeling
+        assert kernels.SUPPORTED_MODES == kernels.BLOCK_MODES == ()
+        assert "triton does not import" in kernels.CHUNK_UNAVAILABLE
+        cuda = torch.device("cuda")
+        assert ops.resolve_block_backend("auto", mode="rdn", device=cuda, needs_grad=False) == "torch"
+        assert ops.resolve_backend("auto", mode="rdn", device=cuda) == "torch"
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
