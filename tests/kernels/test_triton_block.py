@@ -92,6 +92,9 @@ def test_from_zero_state_and_options(mode):
     o2, final, none = block_residual_attention_triton(q, k, v, g, beta, gamma, mode, CLIP, K**-0.5, None, False,
                                                       record=False)  # fmt: skip
     assert final is None and none is None and torch.equal(o2, o)
+    with pytest.raises(ValueError, match="n >= 1"):
+        block_residual_attention_triton(*(None if t is None else t[:, :0] for t in inputs[:6]), mode, CLIP, K**-0.5,
+                                        None, True)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)

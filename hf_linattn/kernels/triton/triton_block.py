@@ -135,6 +135,8 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 def _launch(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, output_final_state, record):
     """Shared launcher: inputs [B, n, H, *] (gates [B, n, H]); returns o, (S, R) or None, BlockRecord or None."""
     B, n, H, K = q.shape
+    if n == 0:  # the kernel reads token 0 ahead of the loop
+        raise ValueError("a block needs n >= 1 tokens")
     V = v.shape[-1]
     dt = state_dtype(q.dtype)
     delta, residual = is_delta(mode), is_residual(mode)
