@@ -149,3 +149,51 @@ def test_strided_inputs():
     o, (S, R), _ = run_kernel([q_view, k_view, v_t, g_view, beta, gamma, S0, R0], mode)
     o_ref, (S_ref, R_ref), _ = run_kernel(inputs, mode)
     assert torch.equal(o, o_ref) and torch.equal(S, S_ref) and torch.equal(R, R_ref)
+
+
+# Compiles the kernel for an H100 (sm_90) without a GPU and without the interpreter: catches what only the
+# compiler sees (loop-carried types, constexpr branches, fp64 lowering). argv[1]: a fresh Triton cache folder.
+COMPILE_FOR_SM90 = """
+import itertools, os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ["TRITON_CACHE_DIR"] = sys.argv[1]
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hf_linattn.kernels.triton.triton_block import _block_decode_kernel as kernel
+
+variants = 0
+for (inputs, dt), (delta, residual), (state, record) in itertools.product(
+        [("bf16", "fp32"), ("fp64", "fp64")], [(False, False), (True, False), (False, True), (True, True)],
+        [(True, True), (False, False)]):
+    pointers = dict(q=inputs, k=inputs, v=inputs, o=inputs, rec_g="fp64")
+    signature = {}
+    for name in kernel.arg_names:
+        if name in ("scale", "clip"):
+            signature[name] = "fp32"
+        elif name in ("n", "H") or re.fullmatch(r"s[qkvgbca]_[bth]", name):  # sizes and strides
+            signature[name] = "i32"
+        elif name.isupper():  # K, V, BK, BV, DT and the switches
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "*" + pointers.get(name, "fp32" if inputs != "fp64" else "fp64")
+    constexprs = dict(K=128, V=128, BK=128, BV=8, DT=tl.float64 if dt == "fp64" else tl.float32, DELTA=delta,
+                      RESIDUAL=residual, HAS_S0=state, HAS_R0=state and residual, FINAL=state, RECORD=record,
+                      GIVEN_ALPHA=dt == "fp64")
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+    assert ".entry" in compiled.asm["ptx"]
+    variants += 1
+print(variants)
+"""
+
+
+def test_kernel_compiles_for_an_h100_without_a_gpu(tmp_path):
+    """Every mode, bf16 and fp64, with and without state and record: Triton IR -> PTX for sm_90."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, str(tmp_path / "cache")], capture_output=True,
+                            text=True, timeout=600, env=env)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.split()[-1] == "16", result.stderr[-3000:]

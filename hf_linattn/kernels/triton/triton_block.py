@@ -40,16 +40,17 @@ MAX_BV = 8  # value columns per program (as fla's fused_recurrent): many program
 @triton.jit
 def _block_decode_kernel(
     q, k, v, g, beta, gamma,  # inputs, [B, n, H, *] with any strides but a unit last stride
+    alpha,  # exp(g) [B, n, H] from torch when GIVEN_ALPHA (fp64: no fp64 exp in the kernel), else unused
     s0, r0,  # entering states [B, H, K, V] contiguous (unused without HAS_S0 / HAS_R0)
     o,  # [B, n, H, V] contiguous, q's dtype
     s_out, r_out,  # final states [B, H, K, V] contiguous (unused without FINAL)
     rec_k, rec_x, rec_y, rec_g,  # the record: [B, H, n, K], [B, H, n, V] x2 in the state dtype, [B, H, n] fp64
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,  # strides of q, k, v (batch, token, head)
-    sg_b, sg_t, sg_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h,  # strides of g, beta, gamma
+    sg_b, sg_t, sg_h, sb_b, sb_t, sb_h, sc_b, sc_t, sc_h, sa_b, sa_t, sa_h,  # strides of g, beta, gamma, alpha
     n, H, scale, clip,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     DELTA: tl.constexpr, RESIDUAL: tl.constexpr, HAS_S0: tl.constexpr, HAS_R0: tl.constexpr,
-    FINAL: tl.constexpr, RECORD: tl.constexpr,
+    FINAL: tl.constexpr, RECORD: tl.constexpr, GIVEN_ALPHA: tl.constexpr,
 ):  # fmt: skip
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)  # int64 offsets: B * H * K * V may pass 2^31 elements
@@ -69,6 +70,7 @@ def _block_decode_kernel(
 
     p_q, p_k, p_v = q + i_b * sq_b + i_h * sq_h, k + i_b * sk_b + i_h * sk_h, v + i_b * sv_b + i_h * sv_h
     p_g, p_beta, p_gamma = g + i_b * sg_b + i_h * sg_h, beta + i_b * sb_b + i_h * sb_h, gamma + i_b * sc_b + i_h * sc_h
+    p_alpha = alpha + i_b * sa_b + i_h * sa_h
     p_o = o + (i_b * n * H + i_h) * V + offs_v  # o is [B, n, H, V] contiguous
     p_rec = i_bh * n  # row of token 0 of this (b, h) in the record's [B * H * n, *] layout
     # Every token's inputs are loaded one iteration ahead (raw dtype, converted at use), so that their load
@@ -78,6 +80,8 @@ def _block_decode_kernel(
     k_next = tl.load(p_k + offs_k, mask=mask_k, other=0)
     v_next = tl.load(p_v + offs_v, mask=mask_v, other=0)
     g_next, beta_next, gamma_next = tl.load(p_g), tl.load(p_beta), tl.load(p_gamma)
+    if GIVEN_ALPHA:
+        alpha_next = tl.load(p_alpha)
     for t in range(n):
         b_q = q_next.to(DT) * scale
         b_k = k_next.to(DT)
@@ -88,9 +92,13 @@ def _block_decode_kernel(
         k_next = tl.load(p_k + u * sk_t + offs_k, mask=mask_k, other=0)
         v_next = tl.load(p_v + u * sv_t + offs_v, mask=mask_v, other=0)
         g_next, beta_next, gamma_next = tl.load(p_g + u * sg_t), tl.load(p_beta + u * sb_t), tl.load(p_gamma + u * sc_t)
-        alpha = tl.exp(g_raw.to(DT))  # 0 for g = -inf: an exact reset of both states
+        if GIVEN_ALPHA:
+            decay = alpha_next.to(DT)
+            alpha_next = tl.load(p_alpha + u * sa_t)
+        else:
+            decay = tl.exp(g_raw.to(DT))  # 0 for g = -inf: an exact reset of both states
 
-        S = S * alpha  # S~: history is decayed before it predicts
+        S = S * decay  # S~: history is decayed before it predicts
         e = b_v - tl.sum(S * b_k[:, None], axis=0)  # [BV]
         if RESIDUAL:
             o_t = tl.sum(S * b_q[:, None], axis=0)  # residual modes read S~ (before the token writes)
@@ -100,7 +108,7 @@ def _block_decode_kernel(
             x = beta_t * b_v
         S += b_k[:, None] * x[None, :]
         if RESIDUAL:
-            R = R * alpha
+            R = R * decay
             r = tl.minimum(tl.maximum(e, -clip), clip)
             if DELTA:  # R is a second delta rule whose values are r
                 r = r - tl.sum(R * b_k[:, None], axis=0)
@@ -145,6 +153,8 @@ def _launch(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, output_fi
     R0 = R0.to(dt) if residual and R0 is not None else None
     q, k, v, g, beta = (_unit_last(x) for x in (q, k, v, g[..., None], beta[..., None]))
     gamma = _unit_last(gamma[..., None]) if residual else beta  # (a placeholder pointer when unused)
+    given_alpha = dt == torch.float64  # fp64 exp is left to torch (not every GPU backend lowers it)
+    alpha = g.to(dt).exp() if given_alpha else g  # [B, n, H, 1]; exp(-inf) = 0
     device = q.device
 
     o = torch.empty(B, n, H, V, dtype=q.dtype, device=device)
@@ -163,13 +173,14 @@ def _launch(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, output_fi
     s0_in = S0.contiguous() if S0 is not None else None
     r0_in = R0.contiguous() if R0 is not None else None
     _block_decode_kernel[grid](
-        q, k, v, g, beta, gamma, ptr(s0_in), ptr(r0_in), o, ptr(S), ptr(R),
+        q, k, v, g, beta, gamma, alpha, ptr(s0_in), ptr(r0_in), o, ptr(S), ptr(R),
         ptr(rec_k), ptr(rec_x), ptr(rec_y), ptr(rec_g),
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *g.stride()[:3], *beta.stride()[:3], *gamma.stride()[:3],
+        *alpha.stride()[:3],
         n, H, float(scale), float(clip),
         K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, DT=tl.float64 if dt == torch.float64 else tl.float32,
         DELTA=delta, RESIDUAL=residual, HAS_S0=S0 is not None, HAS_R0=R0 is not None,
-        FINAL=output_final_state, RECORD=record, num_warps=1,
+        FINAL=output_final_state, RECORD=record, GIVEN_ALPHA=given_alpha, num_warps=1,
     )  # fmt: skip
     final = (S, R) if output_final_state else None
     block_record = BlockRecord(S0, R0, rec_k, rec_x, rec_y, rec_g) if record else None
