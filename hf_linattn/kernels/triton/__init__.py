@@ -6,8 +6,8 @@
     triton_ops.py   : what is covered (BLOCK_MODES, SUPPORTED_MODES) and ``triton_residual_attention``
 
 ``ops.py`` imports ``triton_ops`` by an explicit (guarded) statement, so that saved checkpoints carry these
-files as remote code. This package module re-exports it when triton imports, and lists no modes otherwise:
-importing it never fails.
+files as remote code. This package module re-exports it when it imports, and lists no modes otherwise
+(``CHUNK_UNAVAILABLE`` then says why): importing it never fails.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ try:
         decode_step_triton,
         triton_residual_attention,
     )
-except ImportError as err:  # triton is not installed: no kernels
+except Exception as err:  # triton is not installed, or broken (which can raise anything): no kernels
     BLOCK_MODES = SUPPORTED_MODES = ()
-    CHUNK_UNAVAILABLE = f"triton does not import ({type(err).__name__}: {err})"
+    CHUNK_UNAVAILABLE = f"the Triton kernels do not import ({type(err).__name__}: {err})"
 
 __all__ = [
     "BLOCK_MODES",
