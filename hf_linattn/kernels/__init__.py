@@ -21,6 +21,10 @@ _LAZY = {
     "is_delta": "modes",
     "is_residual": "modes",
     "BACKENDS": "ops",
+    "BLOCK_BACKENDS": "ops",
+    "dispatch_block_residual_attention": "ops",
+    "dispatch_decode_step": "ops",
+    "resolve_block_backend": "ops",
     "dispatch_residual_attention": "ops",
     "residual_attention": "ops",
     "resolve_backend": "ops",
@@ -30,7 +34,16 @@ _LAZY = {
 if TYPE_CHECKING:
     from .chunked import CHUNK_SIZE, chunked_residual_attention
     from .modes import MODES, is_delta, is_residual
-    from .ops import BACKENDS, residual_attention
+    from .ops import (
+        BACKENDS,
+        BLOCK_BACKENDS,
+        dispatch_block_residual_attention,
+        dispatch_decode_step,
+        dispatch_residual_attention,
+        residual_attention,
+        resolve_backend,
+        resolve_block_backend,
+    )
     from .recurrent import recurrent_residual_attention
 
 
@@ -38,13 +51,17 @@ __getattr__, __dir__ = lazy_attributes(__name__, {name: f".{module}" for name, m
 
 __all__ = [
     "BACKENDS",
+    "BLOCK_BACKENDS",
     "CHUNK_SIZE",
     "MODES",
     "chunked_residual_attention",
+    "dispatch_block_residual_attention",
+    "dispatch_decode_step",
     "dispatch_residual_attention",
     "is_delta",
     "is_residual",
     "recurrent_residual_attention",
     "residual_attention",
     "resolve_backend",
+    "resolve_block_backend",
 ]

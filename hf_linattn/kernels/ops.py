@@ -1,29 +1,40 @@
-"""``residual_attention``: the one functional entry point of the op family (the spec's contract).
+"""``residual_attention``: the one functional entry point of the op family (the spec's contract), and the dispatch.
 
 ``residual_attention`` validates its arguments (shapes, then the values of the gates in one host
 sync), resolves defaults (scale, states) and calls ``dispatch_residual_attention``, which only
 picks a backend and calls it: "recurrent" (token-by-token reference), "torch" (chunked, the CPU
-default) or "triton" (GPU kernels). Model layers call ``dispatch_residual_attention`` directly
-in the decode hot path, where the inputs are valid by construction and a check would cost a sync.
-This file imports nothing from hf_linattn by name (it is also checkpoint remote code).
+default) or "triton" (GPU kernels). Model layers call the dispatch functions directly in the decode
+hot path, where the inputs are valid by construction and a check would cost a sync:
+``dispatch_residual_attention`` (long sequences), ``dispatch_block_residual_attention`` (a block of n
+tokens with its rollback record: verify steps, short prefills) and ``dispatch_decode_step`` (one token).
+
+The Triton kernels are imported once, on the first call with CUDA tensors (or an explicit
+backend="triton"), by explicit statements inside try blocks: transformers' remote-code import check
+skips try blocks (a checkpoint loads where triton is missing), and still copies the kernel files they
+name into its modules cache (a checkpoint uses them where triton is present). Two capabilities, by mode:
+the chunked kernels (``SUPPORTED_MODES``, for ``dispatch_residual_attention``) and block decode
+(``BLOCK_MODES``, for the block op and the decode step). Block decode has no backward: while autograd
+records, or while torch.compile traces, the block op and the decode step stay on torch.
+This file imports nothing from hf_linattn but kernel modules (flattened into relative imports in checkpoints).
 """
 
 from __future__ import annotations
 
-import importlib
+import sys
+import warnings
 from types import ModuleType
 
 import torch
 
+from .block import BlockRecord, block_residual_attention
 from .chunked import chunked_residual_attention
 from .common import state_dtype
+from .decode import decode_step
 from .modes import MODES, is_delta, is_residual
 from .recurrent import recurrent_residual_attention
 
 BACKENDS = ("auto", "recurrent", "torch", "triton")
-# A string, not an import statement: transformers' remote-code import checker must not see it
-# (in a checkpoint's remote code hf_linattn is not installed; the import then just fails).
-_TRITON_KERNELS = "hf_linattn.kernels.triton"
+BLOCK_BACKENDS = ("auto", "torch", "triton")
 # beta * ||k||^2 <= 2 keeps the delta rule's (I - beta k k^T) a contraction; the slack lets
 # L2-normalized keys (||k||^2 = 1 up to rounding, even in bf16) with beta <= 1 always pass.
 DELTA_BOUND = 2 * (1 + 1e-3)
@@ -33,7 +44,7 @@ _triton_cache: dict = {}
 
 
 def _load_triton() -> ModuleType | None:
-    """The Triton kernels module, or None when it cannot be used here; tried once, then cached."""
+    """The Triton kernels module (``triton_ops``), or None when it cannot be used here; tried once, then cached."""
     if "module" not in _triton_cache:
         _triton_cache["module"], _triton_cache["reason"] = _import_triton()
     return _triton_cache["module"]
@@ -42,45 +53,79 @@ def _load_triton() -> ModuleType | None:
 def _import_triton() -> tuple[ModuleType | None, str]:
     """(kernels module, "") or (None, why not).
 
-    Any exception while importing the ``triton`` package itself (a broken install) means
-    "unavailable", so that backend="auto" falls back to torch instead of failing.
+    Any exception while importing the ``triton`` package itself (a broken install) means "unavailable", so
+    that backend="auto" falls back to torch instead of failing. So does one from the kernel files (say, a
+    triton too old for them), with a warning: that is not the plain "no triton here" case.
     """
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401
     except Exception as err:  # not only ImportError: a broken triton or driver install can raise anything
         return None, f"the triton package does not import ({type(err).__name__}: {err})"
     try:
-        return importlib.import_module(_TRITON_KERNELS), ""
-    except ImportError as err:  # checkpoint remote code without hf_linattn installed
-        return None, f"{_TRITON_KERNELS} does not import ({err}); it ships with the hf_linattn package"
+        from hf_linattn.kernels.triton.triton_ops import triton_residual_attention
+    except Exception as err:
+        reason = f"the Triton kernels do not import ({type(err).__name__}: {err})"
+        warnings.warn(f"{reason}; the torch paths are used", RuntimeWarning, stacklevel=3)
+        return None, reason
+    return sys.modules[triton_residual_attention.__module__], ""
+
+
+def _require_triton(mode: str, capability: str) -> None:
+    """Raise NotImplementedError unless the Triton kernels import and list ``mode`` in ``capability``."""
+    module = _load_triton()
+    if module is None:
+        reason = _triton_cache["reason"]
+        raise NotImplementedError(f"backend='triton' is unavailable: {reason}; use backend='torch' or 'auto'")
+    supported = tuple(getattr(module, capability, ()))
+    if mode not in supported:
+        why = f"; {module.CHUNK_UNAVAILABLE}" if capability == "SUPPORTED_MODES" and module.CHUNK_UNAVAILABLE else ""
+        raise NotImplementedError(
+            f"backend='triton' has no kernels for mode {mode!r} (supported: {', '.join(supported) or 'none yet'}"
+            f"{why}); use backend='torch' or 'auto'"
+        )
 
 
 def resolve_backend(backend: str, *, mode: str, device: torch.device) -> str:
-    """The concrete backend ("recurrent" | "torch" | "triton") for ``backend`` on ``device``.
+    """The concrete backend ("recurrent" | "torch" | "triton") of the chunked op for ``backend`` on ``device``.
 
-    "auto" is "triton" only on CUDA devices when the Triton kernels import and cover ``mode``,
-    else "torch". An explicit "triton" that cannot run ``mode`` raises NotImplementedError.
-    Cheap after the first call (the import attempt is cached): safe in the decode hot path.
+    "auto" is "triton" only on CUDA devices when the Triton kernels import and their chunked kernel
+    covers ``mode`` (``SUPPORTED_MODES``), else "torch". An explicit "triton" that cannot run ``mode``
+    raises NotImplementedError. Cheap after the first call (the import attempt is cached).
     """
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
         module = _load_triton()
-        return "triton" if module is not None and mode in getattr(module, "SUPPORTED_MODES", ()) else "torch"
+        return "triton" if module is not None and mode in module.SUPPORTED_MODES else "torch"
     if backend == "triton":
-        module = _load_triton()
-        if module is None:
-            reason = _triton_cache["reason"]
-            raise NotImplementedError(f"backend='triton' is unavailable: {reason}; use backend='torch' or 'auto'")
-        supported = tuple(getattr(module, "SUPPORTED_MODES", ()))
-        if mode not in supported:
-            raise NotImplementedError(
-                f"backend='triton' has no kernels for mode {mode!r} (supported: {', '.join(supported) or 'none yet'}); "
-                "use backend='torch' or 'auto'"
-            )
+        _require_triton(mode, "SUPPORTED_MODES")
     elif backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     return backend
+
+
+def resolve_block_backend(backend: str, *, mode: str, device: torch.device, needs_grad: bool) -> str:
+    """The concrete backend ("torch" | "triton") of the block op and the decode step: one test per call.
+
+    "auto" is "triton" on CUDA devices when the block-decode kernel imports and covers ``mode``
+    (``BLOCK_MODES``), unless autograd records (``needs_grad``: the kernel has no backward) or
+    torch.compile traces (the torch ops compile); else "torch". An explicit "triton" runs the kernel on
+    any device (CPU tensors under TRITON_INTERPRET=1) and raises NotImplementedError when it cannot.
+    """
+    if backend == "auto":
+        if device.type != "cuda" or needs_grad or torch.compiler.is_compiling():
+            return "torch"
+        module = _load_triton()
+        return "triton" if module is not None and mode in module.BLOCK_MODES else "torch"
+    if backend == "triton":
+        _require_triton(mode, "BLOCK_MODES")
+    elif backend not in BLOCK_BACKENDS:
+        raise ValueError(f"unknown block backend {backend!r}; expected one of {BLOCK_BACKENDS}")
+    return backend
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def dispatch_residual_attention(
@@ -115,6 +160,63 @@ def dispatch_residual_attention(
     else:
         fn = chunked_residual_attention
     return fn(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, output_final_state)
+
+
+def dispatch_block_residual_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor | None,
+    *,
+    mode: str,
+    clip: float,
+    scale: float,
+    initial_state: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+    record: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None], BlockRecord | None]:
+    """A block of n tokens from a cached state (``block.py``'s op, or the Triton block-decode kernel on CUDA).
+
+    No checks, no host sync. q, k: [B, n, H, K]; v: [B, n, H, V]; g, beta, gamma: [B, n, H] (gamma None for
+    gla/gdn); initial_state: (S0, R0), each [B, H, K, V] or None, or None. Returns o [B, n, H, V] in q's
+    dtype, the final (S, R) and, if ``record``, the block's ``BlockRecord`` (else None).
+    """
+    S0, R0 = initial_state if initial_state is not None else (None, None)
+    needs_grad = _needs_grad(q, k, v, g, beta, gamma, S0, R0)
+    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad) == "triton":
+        return _load_triton().block_residual_attention_triton(
+            q, k, v, g, beta, gamma, mode, clip, scale, initial_state, True, record=record
+        )
+    o, final, block = block_residual_attention(q, k, v, g, beta, gamma, mode, clip, scale, initial_state, True)
+    return o, final, block if record else None
+
+
+def dispatch_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor | None,
+    *,
+    mode: str,
+    clip: float,
+    scale: float,
+    state: tuple[torch.Tensor | None, torch.Tensor | None],
+    backend: str = "auto",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+    """One token (``decode.py``'s ``decode_step``, or the fused Triton step on CUDA); same contract as it.
+
+    q, k: [B, H, K]; v: [B, H, V]; g, beta, gamma: [B, H]; state (S, R), each [B, H, K, V] or None.
+    Returns o [B, H, V] in q's dtype and the new (S, R).
+    """
+    needs_grad = _needs_grad(q, k, v, g, beta, gamma, *state)
+    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad) == "triton":
+        return _load_triton().decode_step_triton(q, k, v, g, beta, gamma, mode=mode, clip=clip, scale=scale,
+                                                 state=state)  # fmt: skip
+    return decode_step(q, k, v, g, beta, gamma, mode=mode, clip=clip, scale=scale, state=state)
 
 
 def _check_shapes(q, k, v, g, beta, gamma, mode, initial_state) -> None:

@@ -4,7 +4,9 @@ transformers loads remote code from the checkpoint folder and follows only same-
 imports (``from .x import y``). In the package, the modeling files import the op files across
 folders by their full names (``from hf_linattn.kernels.ops import residual_attention``). This
 module walks those imports from the entry files, copies every file reached into the checkpoint
-folder, and rewrites ``from hf_linattn.<part>.<module> import`` into ``from .<module> import``.
+folder, and rewrites ``from hf_linattn.<part>[.<sub>].<module> import`` into ``from .<module> import``
+(file names are unique package-wide for that). The Triton kernels (``kernels/triton/triton_*.py``) come
+along through ``ops.py``'s guarded imports; an optional kernel file absent from this build is dropped.
 It also runs inside a checkpoint's own remote code (re-saving a model loaded with
 ``trust_remote_code=True``), where every import is already relative.
 """
@@ -17,27 +19,58 @@ import re
 from pathlib import Path
 
 PACKAGE = "hf_linattn"
-_PACKAGE_IMPORT = re.compile(rf"^(\s*)from\s+{PACKAGE}\.\w+\.(\w+)\s+import\b", flags=re.MULTILINE)
+_PACKAGE_IMPORT = re.compile(rf"^(\s*)from\s+{PACKAGE}(?:\.\w+)+\.(\w+)\s+import\b", flags=re.MULTILINE)
+_IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError"}
 
 
-def _imported_files(source_file: Path) -> list[Path]:
-    """Files ``source_file`` imports from its own folder (``from .x``) or from the package (``hf_linattn.p.x``)."""
+def _guarded_imports(tree: ast.AST) -> set[int]:
+    """ids of the ``from ... import`` nodes inside the body of a ``try`` that catches ImportError."""
+    guarded = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Try):
+            continue
+        caught = set()
+        for handler in node.handlers:
+            types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+            caught |= {t.id for t in types if isinstance(t, ast.Name)}
+        if caught & _IMPORT_ERRORS:
+            guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.ImportFrom)}
+    return guarded
+
+
+def _imported_files(source_file: Path) -> tuple[list[Path], list[ast.ImportFrom]]:
+    """Files ``source_file`` imports from its own folder (``from .x``) or from the package (``hf_linattn.p[.q].x``),
+    and the optional imports among them whose file does not exist (inside a ``try`` that catches ImportError:
+    a kernel not part of this build). A missing file imported without such a guard is an error."""
     tree = ast.parse(source_file.read_text(encoding="utf-8"), filename=str(source_file))
-    found = []
+    guarded = _guarded_imports(tree)
+    found, absent = [], []
     for node in ast.walk(tree):
         if not isinstance(node, ast.ImportFrom) or node.module is None:
             continue
-        if node.level == 1:
-            found.append(source_file.parent / f"{node.module}.py")
-        elif node.level == 0 and node.module.startswith(f"{PACKAGE}.") and node.module.count(".") == 2:
+        path = None
+        if node.level == 1 and "." not in node.module:
+            path = source_file.parent / f"{node.module}.py"
+            path = path if path.is_file() else None
+        elif node.level == 0 and node.module.startswith(f"{PACKAGE}.") and node.module.count(".") >= 2:
             spec = importlib.util.find_spec(node.module)
-            if spec is None or spec.origin is None:
-                raise ImportError(f"{source_file.name} imports {node.module}, which cannot be found")
-            found.append(Path(spec.origin))
-        elif node.level == 0 and node.module.split(".")[0] == PACKAGE:
-            raise ValueError(f"{source_file.name}: remote code may import only hf_linattn.<part>.<module>; "
-                             f"got {node.module}")  # fmt: skip
-    return found
+            if spec is not None and spec.origin is not None:
+                path = Path(spec.origin)
+                if path.name == "__init__.py":
+                    raise ValueError(f"{source_file.name}: remote code must import modules, not the package "
+                                     f"{node.module}")  # fmt: skip
+        elif node.level > 0 or node.module.split(".")[0] == PACKAGE:
+            raise ValueError(f"{source_file.name}: remote code may import only .<module> and "
+                             f"hf_linattn.<part>[.<sub>].<module>; got {'.' * node.level}{node.module}")  # fmt: skip
+        else:
+            continue
+        if path is not None:
+            found.append(path)
+        elif id(node) in guarded and node.lineno == node.end_lineno:
+            absent.append(node)
+        else:
+            raise ImportError(f"{source_file.name} imports {'.' * node.level}{node.module}, which cannot be found")
+    return found, absent
 
 
 def remote_code_files(entry_files: list[Path]) -> dict[str, Path]:
@@ -51,13 +84,29 @@ def remote_code_files(entry_files: list[Path]) -> dict[str, Path]:
                 raise ValueError(f"two remote-code files share the name {path.name}: {files[path.name]} and {path}")
             continue
         files[path.name] = path
-        pending.extend(p.resolve() for p in _imported_files(path))
+        pending.extend(p.resolve() for p in _imported_files(path)[0])
     return files
 
 
 def flatten_imports(source: str) -> str:
-    """``from hf_linattn.<part>.<module> import`` -> ``from .<module> import``."""
+    """``from hf_linattn.<part>[.<sub>].<module> import`` -> ``from .<module> import``."""
     return _PACKAGE_IMPORT.sub(r"\1from .\2 import", source)
+
+
+def _drop_absent_imports(source: str, absent: list[ast.ImportFrom]) -> str:
+    """Each optional import of a missing file becomes the ModuleNotFoundError it would raise.
+
+    transformers copies every file named by a ``from .x import`` line of remote code (guarded or not) and
+    fails when one is missing, so the line itself must go; its ``except ImportError`` branch then runs.
+    """
+    lines = source.splitlines(keepends=True)
+    for node in absent:
+        name = node.module.split(".")[-1]
+        line = lines[node.lineno - 1]
+        indent = line[: len(line) - len(line.lstrip())]
+        message = f"{name} is not part of this checkpoint"
+        lines[node.lineno - 1] = f"{indent}raise ModuleNotFoundError({message!r}, name={name!r})\n"
+    return "".join(lines)
 
 
 def write_remote_code(folder: str | Path, entry_files: list[Path]) -> list[str]:
@@ -67,7 +116,8 @@ def write_remote_code(folder: str | Path, entry_files: list[Path]) -> list[str]:
     names = []
     for name, source in sorted(remote_code_files(entry_files).items()):
         target = folder / name
-        text = flatten_imports(source.read_text(encoding="utf-8"))
+        text = _drop_absent_imports(source.read_text(encoding="utf-8"), _imported_files(source)[1])
+        text = flatten_imports(text)
         if target.is_symlink():
             target.unlink()
         target.write_text(text, encoding="utf-8")

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_linattn.kernels.block import BLOCK_CHUNK, BlockRecord, block_residual_attention
-from hf_linattn.kernels.decode import decode_step
+from hf_linattn.kernels.block import BLOCK_CHUNK, BlockRecord
 from hf_linattn.kernels.modes import is_residual
-from hf_linattn.kernels.ops import dispatch_residual_attention
+from hf_linattn.kernels.ops import dispatch_block_residual_attention, dispatch_decode_step, dispatch_residual_attention
 
 from .cache_linattn import LinAttnCache
 from .configuration_linattn import LinAttnConfig
@@ -111,20 +110,21 @@ class LinAttnLinearAttention(nn.Module):
         """The op on [B, T, H, *] inputs from the cached ``state``: o, the final state and (if ``record``) the
         block's record for rollback. Three exact paths: one token (a decode step: a few fused ops with fixed
         shapes, for torch.compile), a block of at most one chunk (a verify forward: one parallel pass that also
-        gives the record), and long sequences (the chunked path, or Triton on GPUs)."""
+        gives the record), and long sequences (the chunked path). On CUDA each takes its Triton kernel when it
+        imports (ops.py decides: block decode and the fused step need no autograd)."""
         T, scale = q.shape[1], q.shape[-1] ** -0.5
         state = state if state is not None else (None, None)
         if T == 1 and not record:
-            o, final = decode_step(
+            o, final = dispatch_decode_step(
                 q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], None if gamma is None else gamma[:, 0],
                 mode=self.mode, clip=self.clip, scale=scale, state=state,
             )  # fmt: skip
             return o[:, None], final, None
         if T <= BLOCK_CHUNK or record:
-            o, final, block = block_residual_attention(
-                q, k, v, g, beta, gamma, self.mode, self.clip, scale, state, output_final_state=True
-            )
-            return o, final, block if record else None
+            return dispatch_block_residual_attention(
+                q, k, v, g, beta, gamma, mode=self.mode, clip=self.clip, scale=scale, initial_state=state,
+                record=record,
+            )  # fmt: skip
         o, final = dispatch_residual_attention(
             q, k, v, g, beta, gamma, mode=self.mode, clip=self.clip, scale=scale, initial_state=state,
             output_final_state=True, backend="auto",

@@ -40,6 +40,25 @@ def test_bench_cli_reports_ratios_to_a_bare_python(tmp_path):
     assert all(r["ratio_to_baseline"] > 0 and len(r["seconds"]) == 2 for r in results.values())
 
 
+def test_bench_gpu_runs_or_says_there_is_no_gpu(tmp_path):
+    """Without CUDA: a clear message, exit 0, nothing written. With CUDA: every table's numbers in the report."""
+    import torch
+
+    report = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--quick", "--no-progress", "--json", str(report)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "no CUDA device here" in result.stdout and not report.exists()
+        return
+    results = json.loads(report.read_text())["results"]
+    assert set(results["decode"]) == {"gla", "gdn", "rla", "rdn"} and not results["errors"]
+    assert all(d["n=16 / n=1"] > 0 for d in results["decode"].values())
+    assert set(results["residual_over_base"]) == {"T=512", "T=1024"}
+
+
 @pytest.mark.slow
 def test_bench_model_reports_prefill_decode_and_cache(tmp_path):
     results = run_quick("bench_model.py", tmp_path / "model.json")

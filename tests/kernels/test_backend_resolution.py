@@ -1,21 +1,31 @@
 """Backend resolution ("auto" -> triton only where kernels exist) and the check-free dispatch, on CPU.
 
-CUDA is simulated: torch.device("cuda") objects need no GPU, and the Triton import is either
-monkeypatched (``ops._import_triton`` gives fake kernel modules) or fed fake ``triton`` packages
-on sys.path.
+Two capabilities: the chunked kernels (``resolve_backend``, SUPPORTED_MODES) and block decode
+(``resolve_block_backend``, BLOCK_MODES). CUDA is simulated: torch.device("cuda") objects need no GPU,
+and the Triton import is either monkeypatched (``ops._import_triton`` gives fake kernel modules) or fed
+fake ``triton`` packages on sys.path.
 """
 
 from __future__ import annotations
 
-import importlib
+import subprocess
 import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import hf_linattn.kernels.ops as ops
-from hf_linattn.kernels import MODES, dispatch_residual_attention, residual_attention, resolve_backend
+from hf_linattn.kernels import (
+    MODES,
+    dispatch_block_residual_attention,
+    dispatch_decode_step,
+    dispatch_residual_attention,
+    residual_attention,
+    resolve_backend,
+    resolve_block_backend,
+)
 
 from .test_residual_attention import make_inputs, rel_err
 
@@ -28,12 +38,24 @@ def fresh_triton_cache(monkeypatch):
     monkeypatch.setattr(ops, "_triton_cache", {})
 
 
-def fake_kernels(*modes: str, calls: list | None = None) -> SimpleNamespace:
+def fake_kernels(*modes: str, block_modes: tuple[str, ...] = (), calls: list | None = None) -> SimpleNamespace:
     def triton_residual_attention(*args):
         calls.append(args[6])  # the mode
         return "o", None
 
-    return SimpleNamespace(SUPPORTED_MODES=modes, triton_residual_attention=triton_residual_attention)
+    def block_residual_attention_triton(*args, record):
+        calls.append(("block", args[6], record))
+        return "o", None, None
+
+    def decode_step_triton(*args, mode, **kwargs):
+        calls.append(("step", mode))
+        return "o", None
+
+    return SimpleNamespace(
+        SUPPORTED_MODES=modes, BLOCK_MODES=block_modes, CHUNK_UNAVAILABLE="" if modes else "simulated: not built",
+        triton_residual_attention=triton_residual_attention,
+        block_residual_attention_triton=block_residual_attention_triton, decode_step_triton=decode_step_triton,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -48,6 +70,7 @@ def test_triton_missing_gives_torch(monkeypatch, mode):
 def test_kernels_only_for_supported_modes_and_cuda(monkeypatch):
     monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels("gdn", "rdn"), ""))
     assert resolve_backend("auto", mode="gdn", device=CUDA) == "triton"
+    assert resolve_block_backend("auto", mode="gdn", device=CUDA, needs_grad=False) == "torch"  # no block kernels
     assert resolve_backend("auto", mode="rdn", device=CUDA) == "triton"
     assert resolve_backend("auto", mode="gla", device=CUDA) == "torch"  # mode unsupported
     assert resolve_backend("auto", mode="gdn", device=CPU) == "torch"  # not CUDA
@@ -116,35 +139,95 @@ def test_triton_absent(monkeypatch):
         resolve_backend("triton", mode="gdn", device=CUDA)
 
 
-def test_remote_code_without_the_package(fake_triton_path, monkeypatch):
-    """In a checkpoint's remote code the kernels module does not exist: "auto" quietly gives torch."""
+def test_kernel_files_that_fail_to_import_warn_and_give_torch(fake_triton_path, monkeypatch):
+    """triton imports but the kernel files do not (say, a triton too old for them): torch, with a warning."""
     write_fake_triton(fake_triton_path, "")
-    monkeypatch.setattr(ops, "_TRITON_KERNELS", "hf_linattn_not_installed.kernels.triton")
-    assert ops._load_triton() is None
+    monkeypatch.setitem(sys.modules, "hf_linattn.kernels.triton.triton_ops", None)
+    with pytest.warns(RuntimeWarning, match="the Triton kernels do not import"):
+        assert ops._load_triton() is None
     assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
-    with pytest.raises(NotImplementedError, match="ships with the hf_linattn package"):
-        resolve_backend("triton", mode="rdn", device=CUDA)
+    assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=False) == "torch"
+    with pytest.raises(NotImplementedError, match="the Triton kernels do not import"):
+        resolve_block_backend("triton", mode="rdn", device=CUDA, needs_grad=False)
 
 
-def test_real_kernels_module_has_no_modes_yet(fake_triton_path):
-    """With triton importing, the real (stub) kernels module loads; it supports no mode yet."""
-    write_fake_triton(fake_triton_path, "")
+def test_real_kernels_module():
+    """With triton importing, the real kernels load: block decode for every mode; the chunked kernel once it ships."""
+    pytest.importorskip("triton")
     module = ops._load_triton()
-    assert module is importlib.import_module("hf_linattn.kernels.triton")
-    assert module.SUPPORTED_MODES == ()
-    assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
-    with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rdn' \(supported: none yet\)"):
-        resolve_backend("triton", mode="rdn", device=CUDA)
+    assert module is not None and module.__name__ == "hf_linattn.kernels.triton.triton_ops"
+    assert module.BLOCK_MODES == MODES
+    for mode in MODES:
+        assert resolve_block_backend("auto", mode=mode, device=CUDA, needs_grad=False) == "triton"
+    if module.chunk_residual_attention_triton is None:  # triton_chunk.py is not in this build
+        assert module.SUPPORTED_MODES == () and module.CHUNK_UNAVAILABLE
+        assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
+        with pytest.raises(NotImplementedError, match=r"supported: none yet; the chunked Triton kernel does not"):
+            resolve_backend("triton", mode="rdn", device=CUDA)
+    else:
+        assert module.SUPPORTED_MODES == MODES and not module.CHUNK_UNAVAILABLE
+        assert resolve_backend("auto", mode="rdn", device=CUDA) == "triton"
 
 
 def test_import_is_attempted_once(fake_triton_path, monkeypatch):
     write_fake_triton(fake_triton_path, "raise RuntimeError('broken')\n")
-    imported = []
-    real_import = importlib.import_module
-    monkeypatch.setattr(importlib, "import_module", lambda name: imported.append(name) or real_import(name))
+    attempts = []
+    real_import = ops._import_triton
+    monkeypatch.setattr(ops, "_import_triton", lambda: attempts.append(1) or real_import())
     for _ in range(3):
         assert resolve_backend("auto", mode="gdn", device=CUDA) == "torch"
-    assert imported == ["triton"]
+        assert resolve_block_backend("auto", mode="gdn", device=CUDA, needs_grad=False) == "torch"
+    assert attempts == [1]
+
+
+def test_block_backend_auto(monkeypatch):
+    """Block decode takes Triton only on CUDA, for modes with a kernel, without autograd and outside torch.compile."""
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels(block_modes=("gdn", "rdn")), ""))
+    assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=False) == "triton"
+    assert resolve_block_backend("auto", mode="gla", device=CUDA, needs_grad=False) == "torch"  # mode unsupported
+    assert resolve_block_backend("auto", mode="rdn", device=CPU, needs_grad=False) == "torch"  # not CUDA
+    assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=True) == "torch"  # no backward
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=False) == "torch"
+    monkeypatch.undo()
+    # the chunked capability is separate: none here
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels(block_modes=("gdn", "rdn")), ""))
+    monkeypatch.setattr(ops, "_triton_cache", {})
+    assert resolve_backend("auto", mode="rdn", device=CUDA) == "torch"
+    with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rdn' \(supported: none yet; simulated"):
+        resolve_backend("triton", mode="rdn", device=CUDA)
+
+
+def test_block_backend_explicit(monkeypatch):
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels(block_modes=("gdn",)), ""))
+    assert resolve_block_backend("triton", mode="gdn", device=CPU, needs_grad=True) == "triton"  # as asked
+    assert resolve_block_backend("torch", mode="gdn", device=CUDA, needs_grad=False) == "torch"
+    with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rla' \(supported: gdn\)"):
+        resolve_block_backend("triton", mode="rla", device=CUDA, needs_grad=False)
+    with pytest.raises(ValueError, match="unknown block backend 'recurrent'"):
+        resolve_block_backend("recurrent", mode="gdn", device=CPU, needs_grad=False)
+
+
+def test_block_dispatch_calls_the_resolved_backend(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels(block_modes=MODES, calls=calls), ""))
+    q, k, v, g, beta, gamma, S0, R0 = make_inputs("rdn", T=3, dtype=torch.float32, seed=23)
+    kw = {"mode": "rdn", "clip": 1.0, "scale": 0.25}
+    out = dispatch_block_residual_attention(q, k, v, g, beta, gamma, initial_state=(S0, R0), record=False,
+                                            backend="triton", **kw)  # fmt: skip
+    assert out == ("o", None, None) and calls == [("block", "rdn", False)]
+    step = dispatch_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], gamma[:, 0], state=(S0, R0),
+                                backend="triton", **kw)  # fmt: skip
+    assert step == ("o", None) and calls[-1] == ("step", "rdn")
+    # auto on CPU tensors: the torch block op and decode step, with and without the record
+    o, final, record = dispatch_block_residual_attention(q, k, v, g, beta, gamma, initial_state=(S0, R0),
+                                                       record=True, **kw)  # fmt: skip
+    assert len(calls) == 2 and o.shape == v.shape and len(record) == 3 and final[1].shape == R0.shape
+    assert dispatch_block_residual_attention(q, k, v, g, beta, gamma, initial_state=None, record=False, **kw)[2] is None
+    o1, (S1, _) = dispatch_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], gamma[:, 0],
+                                       state=(S0, R0), **kw)  # fmt: skip
+    assert len(calls) == 2 and torch.allclose(o1, o[:, 0], atol=1e-5)
+    assert torch.allclose(S1, record.state_after(1)[0], atol=1e-5)
 
 
 def test_auto_on_cpu_runs_torch_path_in_real_environment(monkeypatch):
@@ -180,3 +263,27 @@ def test_dispatch_equals_public_op_without_host_sync(mode, backend, monkeypatch)
     )  # fmt: skip
     monkeypatch.undo()
     assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
+
+
+def test_importing_without_triton_never_fails():
+    """In a fresh process where `import triton` fails, the package, its modeling and the kernels package import;
+    the kernels package lists no modes and "auto" resolves to torch even for CUDA tensors."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None
+        import torch
+        import hf_linattn
+        import hf_linattn.kernels.triton as kernels
+        from hf_linattn.kernels import ops
+        import hf_linattn.modeling
+        assert kernels.SUPPORTED_MODES == kernels.BLOCK_MODES == ()
+        assert "the Triton kernels do not import (ModuleNotFoundError" in kernels.CHUNK_UNAVAILABLE
+        cuda = torch.device("cuda")
+        assert ops.resolve_block_backend("auto", mode="rdn", device=cuda, needs_grad=False) == "torch"
+        assert ops.resolve_backend("auto", mode="rdn", device=cuda) == "torch"
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

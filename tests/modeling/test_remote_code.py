@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 from hf_linattn.assets import TEACHER_DIR
 
@@ -66,8 +67,12 @@ def test_checkpoint_loads_without_the_package(tmp_path):
     assert config["auto_map"]["AutoModel"] == "modeling_linattn.LinAttnModel"
     code_files = sorted(p.name for p in checkpoint.glob("*.py"))
     expected = {"modeling_linattn.py", "configuration_linattn.py", "cache_linattn.py", "layers_linattn.py",
-                "linear_attention_linattn.py", "ops.py", "chunked.py", "recurrent.py", "decode.py", "modes.py"}
+                "linear_attention_linattn.py", "ops.py", "chunked.py", "recurrent.py", "decode.py", "modes.py",
+                "triton_ops.py", "triton_block.py"}
     assert expected <= set(code_files)
+    for name in code_files:  # what transformers checks and copies: no triton outside try blocks, no missing file
+        assert "triton" not in get_imports(checkpoint / name), name
+        assert all((checkpoint / f"{m}.py").is_file() for m in get_relative_imports(checkpoint / name)), name
     assert not any(p.is_symlink() for p in checkpoint.iterdir()), "remote code must be real files"
     for name in code_files:  # only same-folder relative imports: nothing of hf_linattn
         tree = ast.parse((checkpoint / name).read_text())
@@ -92,6 +97,89 @@ def test_checkpoint_loads_without_the_package(tmp_path):
                                 pad_token_id=0, eos_token_id=None)  # fmt: skip
     assert torch.equal(remote["logits"], logits)
     assert torch.equal(remote["greedy"], greedy)
+
+
+# Runs in a fresh interpreter without hf_linattn, with triton importable (the interpreter: TRITON_INTERPRET=1) or
+# not (argv[3] == "absent": sys.modules["triton"] = None makes `import triton` raise ImportError).
+LOAD_WITH_OR_WITHOUT_TRITON = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_linattn"] = None
+    if sys.argv[3] == "absent":
+        sys.modules["triton"] = None
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    checkpoint, io_file = sys.argv[1], sys.argv[2]
+    ids = load_file(io_file)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    ops = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".ops"]  # the checkpoint's own ops.py
+    kernels = ops._load_triton()
+    if sys.argv[3] == "absent":
+        assert kernels is None and "triton package does not import" in ops._triton_cache["reason"]
+    else:  # the kernels come from the checkpoint folder; force them on CPU tensors (interpreter)
+        assert kernels.__name__.startswith("transformers_modules") and kernels.__name__.endswith(".triton_ops")
+        assert set(kernels.BLOCK_MODES) == {"gla", "gdn", "rla", "rdn"}
+        resolve = ops.resolve_block_backend
+        ops.resolve_block_backend = lambda backend, **kw: resolve("triton", **kw)
+        calls = []
+        block = kernels.block_residual_attention_triton
+        kernels.block_residual_attention_triton = lambda *a, **kw: calls.append(1) or block(*a, **kw)
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    if sys.argv[3] != "absent":
+        assert calls, "the block kernel ran"
+    save_file({"input_ids": ids, "greedy": greedy}, io_file)
+    print(kernels.__name__ if kernels is not None else "torch")
+    """
+)
+
+
+@pytest.mark.parametrize("triton", ["importable", "absent"])
+def test_checkpoint_carries_the_triton_kernels(tmp_path, triton):
+    """The kernels travel as remote code: used where triton imports, skipped (torch path) where it does not."""
+    if triton == "importable":
+        pytest.importorskip("triton")
+    model = tiny_model(HYBRID)
+    checkpoint = tmp_path / "ckpt"
+    model.save_pretrained(checkpoint)
+    ids = prompt(1, 7, seed=41)
+    io_file = tmp_path / "io.safetensors"
+    save_file({"input_ids": ids}, io_file)
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "TRITON_INTERPRET": "1"}
+    result = run_python(LOAD_WITH_OR_WITHOUT_TRITON, str(checkpoint), str(io_file), triton, cwd=tmp_path,
+                        env_extra=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    used = result.stdout.split()[-1]  # "torch", or the name of the kernels module that was used
+    assert (used == "torch") if triton == "absent" else used.startswith("transformers_modules")
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)  # fmt: skip
+    assert torch.equal(load_file(io_file)["greedy"], greedy)
+
+
+def test_optional_kernel_files_absent_from_the_build_are_dropped(tmp_path):
+    """A guarded import of a file that does not exist becomes the ModuleNotFoundError it would raise."""
+    from hf_linattn.modeling.export import write_remote_code
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "entry.py").write_text(
+        "try:\n    from .not_built import f\nexcept ImportError:\n    f = None\nfrom .helper import g\n"
+    )
+    (tmp_path / "src" / "helper.py").write_text("g = 1\n")
+    names = write_remote_code(tmp_path / "out", [tmp_path / "src" / "entry.py"])
+    assert names == ["entry.py", "helper.py"]
+    text = (tmp_path / "out" / "entry.py").read_text()
+    assert "from .not_built" not in text and "raise ModuleNotFoundError('not_built is not part" in text
+    assert get_relative_imports(tmp_path / "out" / "entry.py") == ["helper"]
+    namespace: dict = {}
+    exec(compile(text.replace("from .helper import g", "g = 1"), "entry.py", "exec"), namespace)
+    assert namespace["f"] is None
+    (tmp_path / "src" / "bad.py").write_text("from .not_built import f\n")  # unguarded: an error
+    with pytest.raises(ImportError, match=r"imports \.not_built, which cannot be found"):
+        write_remote_code(tmp_path / "out2", [tmp_path / "src" / "bad.py"])
 
 
 def test_missing_weights_file_gets_a_clear_error(tmp_path):

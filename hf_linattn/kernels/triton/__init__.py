@@ -1,32 +1,35 @@
-"""Triton GPU kernels (chunked forward/backward, fused recurrent decode).
+"""Triton GPU kernels of the op family, one file per kernel (names unique package-wide: checkpoints flatten them).
 
-Not written yet: the kernels issue brings them. Until then the backend refuses clearly.
-``SUPPORTED_MODES`` lists the modes with kernels here: backend="auto" picks Triton (on CUDA
-tensors) only for those, and an explicit backend="triton" for another mode is refused in
-``ops.resolve_backend``.
+    triton_block.py : block decode, n >= 1 tokens from a cached state with the per-position record (and the
+                      fused single-token step)
+    triton_chunk.py : chunked forward/backward (training, prefill); may be absent from a build
+    triton_ops.py   : what is covered (BLOCK_MODES, SUPPORTED_MODES) and ``triton_residual_attention``
+
+``ops.py`` imports ``triton_ops`` by an explicit (guarded) statement, so that saved checkpoints carry these
+files as remote code. This package module re-exports it when it imports, and lists no modes otherwise
+(``CHUNK_UNAVAILABLE`` then says why): importing it never fails.
 """
 
 from __future__ import annotations
 
-import torch
-
-SUPPORTED_MODES: tuple[str, ...] = ()  # no kernels written yet
-
-
-def triton_residual_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    gamma: torch.Tensor | None,
-    mode: str,
-    clip: float,
-    scale: float,
-    initial_state: tuple[torch.Tensor | None, torch.Tensor | None],
-    output_final_state: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
-    """Same contract as ``recurrent_residual_attention``; not implemented yet."""
-    raise NotImplementedError(
-        "backend='triton' is not implemented yet (the Triton kernels issue); use backend='torch' or 'auto'"
+try:
+    from .triton_ops import (
+        BLOCK_MODES,
+        CHUNK_UNAVAILABLE,
+        SUPPORTED_MODES,
+        block_residual_attention_triton,
+        decode_step_triton,
+        triton_residual_attention,
     )
+except Exception as err:  # triton is not installed, or broken (which can raise anything): no kernels
+    BLOCK_MODES = SUPPORTED_MODES = ()
+    CHUNK_UNAVAILABLE = f"the Triton kernels do not import ({type(err).__name__}: {err})"
+
+__all__ = [
+    "BLOCK_MODES",
+    "CHUNK_UNAVAILABLE",
+    "SUPPORTED_MODES",
+    "block_residual_attention_triton",
+    "decode_step_triton",
+    "triton_residual_attention",
+]
