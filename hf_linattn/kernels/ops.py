@@ -85,15 +85,18 @@ def _require_triton(mode: str, capability: str) -> None:
         )
 
 
-def resolve_backend(backend: str, *, mode: str, device: torch.device) -> str:
+def resolve_backend(
+    backend: str, *, mode: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> str:
     """The concrete backend ("recurrent" | "torch" | "triton") of the chunked op for ``backend`` on ``device``.
 
     "auto" is "triton" only on CUDA devices when the Triton kernels import and their chunked kernel
-    covers ``mode`` (``SUPPORTED_MODES``), else "torch". An explicit "triton" that cannot run ``mode``
-    raises NotImplementedError. Cheap after the first call (the import attempt is cached).
+    covers ``mode`` (``SUPPORTED_MODES``), and the inputs (``dtype``) are not fp64 (the kernels compute
+    in fp32, while the contract keeps fp64 states for fp64 inputs); else "torch". An explicit "triton"
+    that cannot run ``mode`` raises NotImplementedError. Cheap after the first call (the import is cached).
     """
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or dtype == torch.float64:
             return "torch"
         module = _load_triton()
         return "triton" if module is not None and mode in module.SUPPORTED_MODES else "torch"
@@ -150,7 +153,7 @@ def dispatch_residual_attention(
     for gla/gdn; scale: a float; initial_state: (S0, R0), each [B, H, K, V] or None; or None.
     Returns o [B, T, H, V] and (S, R) or None, as ``residual_attention``.
     """
-    backend = resolve_backend(backend, mode=mode, device=q.device)
+    backend = resolve_backend(backend, mode=mode, device=q.device, dtype=q.dtype)
     if initial_state is None:  # tolerated: layers pass their cache's state, None on the first call
         initial_state = (None, None)
     if backend == "triton":

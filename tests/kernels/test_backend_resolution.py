@@ -74,6 +74,8 @@ def test_kernels_only_for_supported_modes_and_cuda(monkeypatch):
     assert resolve_backend("auto", mode="rdn", device=CUDA) == "triton"
     assert resolve_backend("auto", mode="gla", device=CUDA) == "torch"  # mode unsupported
     assert resolve_backend("auto", mode="gdn", device=CPU) == "torch"  # not CUDA
+    assert resolve_backend("auto", mode="gdn", device=CUDA, dtype=torch.float64) == "torch"  # fp64 states
+    assert resolve_backend("auto", mode="gdn", device=CUDA, dtype=torch.bfloat16) == "triton"
     assert resolve_backend("triton", mode="rdn", device=CUDA) == "triton"
     with pytest.raises(NotImplementedError, match=r"no kernels for mode 'rla' \(supported: gdn, rdn\)"):
         resolve_backend("triton", mode="rla", device=CUDA)

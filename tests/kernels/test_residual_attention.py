@@ -177,10 +177,19 @@ def test_auto_backend_is_torch_on_cpu(monkeypatch):
     assert calls == [1]
 
 
-def test_triton_backend_refuses_clearly():
-    q, k, v, g, beta, gamma, *_ = make_inputs("rdn", T=4, dtype=torch.float32, seed=10)
-    with pytest.raises(NotImplementedError, match="triton"):
-        residual_attention(q, k, v, g, beta, gamma, mode="rdn", backend="triton")
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_backend_through_the_public_entry_point(mode):
+    """backend="triton" (the interpreter here, compiled on a GPU) equals the torch path, states included."""
+    pytest.importorskip("triton")
+    q, k, v, g, beta, gamma, *_ = make_inputs(mode, T=21, dtype=torch.float32, seed=10)
+    want, want_state = residual_attention(q, k, v, g, beta, gamma, mode=mode, clip=0.3, output_final_state=True,
+                                          backend="torch")  # fmt: skip
+    got, got_state = residual_attention(q, k, v, g, beta, gamma, mode=mode, clip=0.3, output_final_state=True,
+                                        backend="triton")  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_state, want_state):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
