@@ -107,7 +107,9 @@ def resolve_backend(
     return backend
 
 
-def resolve_block_backend(backend: str, *, mode: str, device: torch.device, needs_grad: bool) -> str:
+def resolve_block_backend(
+    backend: str, *, mode: str, device: torch.device, needs_grad: bool, dtype: torch.dtype = torch.float32
+) -> str:
     """The concrete backend ("torch" | "triton") of the block op and the decode step: one test per call.
 
     "auto" is "triton" on CUDA devices when the block-decode kernel imports and covers ``mode``
@@ -116,7 +118,8 @@ def resolve_block_backend(backend: str, *, mode: str, device: torch.device, need
     any device (CPU tensors under TRITON_INTERPRET=1) and raises NotImplementedError when it cannot.
     """
     if backend == "auto":
-        if device.type != "cuda" or needs_grad or torch.compiler.is_compiling():
+        # fp64 stays on torch: compiled Triton takes clip and scale as fp32 scalars (rel. error ~1e-9)
+        if device.type != "cuda" or needs_grad or dtype == torch.float64 or torch.compiler.is_compiling():
             return "torch"
         module = _load_triton()
         return "triton" if module is not None and mode in module.BLOCK_MODES else "torch"
@@ -188,7 +191,7 @@ def dispatch_block_residual_attention(
     """
     S0, R0 = initial_state if initial_state is not None else (None, None)
     needs_grad = _needs_grad(q, k, v, g, beta, gamma, S0, R0)
-    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad) == "triton":
+    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad, dtype=q.dtype) == "triton":
         return _load_triton().block_residual_attention_triton(
             q, k, v, g, beta, gamma, mode, clip, scale, initial_state, True, record=record
         )
@@ -216,7 +219,7 @@ def dispatch_decode_step(
     Returns o [B, H, V] in q's dtype and the new (S, R).
     """
     needs_grad = _needs_grad(q, k, v, g, beta, gamma, *state)
-    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad) == "triton":
+    if resolve_block_backend(backend, mode=mode, device=q.device, needs_grad=needs_grad, dtype=q.dtype) == "triton":
         return _load_triton().decode_step_triton(q, k, v, g, beta, gamma, mode=mode, clip=clip, scale=scale,
                                                  state=state)  # fmt: skip
     return decode_step(q, k, v, g, beta, gamma, mode=mode, clip=clip, scale=scale, state=state)

@@ -186,6 +186,7 @@ def test_block_backend_auto(monkeypatch):
     """Block decode takes Triton only on CUDA, for modes with a kernel, without autograd and outside torch.compile."""
     monkeypatch.setattr(ops, "_import_triton", lambda: (fake_kernels(block_modes=("gdn", "rdn")), ""))
     assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=False) == "triton"
+    assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=False, dtype=torch.float64) == "torch"
     assert resolve_block_backend("auto", mode="gla", device=CUDA, needs_grad=False) == "torch"  # mode unsupported
     assert resolve_block_backend("auto", mode="rdn", device=CPU, needs_grad=False) == "torch"  # not CUDA
     assert resolve_block_backend("auto", mode="rdn", device=CUDA, needs_grad=True) == "torch"  # no backward

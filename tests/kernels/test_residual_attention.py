@@ -181,7 +181,9 @@ def test_auto_backend_is_torch_on_cpu(monkeypatch):
 def test_triton_backend_through_the_public_entry_point(mode):
     """backend="triton" (the interpreter here, compiled on a GPU) equals the torch path, states included."""
     pytest.importorskip("triton")
-    q, k, v, g, beta, gamma, *_ = make_inputs(mode, T=21, dtype=torch.float32, seed=10)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (tests/conftest.py)
+    inputs = make_inputs(mode, T=21, dtype=torch.float32, seed=10)[:6]
+    q, k, v, g, beta, gamma = (None if x is None else x.to(device) for x in inputs)
     want, want_state = residual_attention(q, k, v, g, beta, gamma, mode=mode, clip=0.3, output_final_state=True,
                                           backend="torch")  # fmt: skip
     got, got_state = residual_attention(q, k, v, g, beta, gamma, mode=mode, clip=0.3, output_final_state=True,

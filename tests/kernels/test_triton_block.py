@@ -27,8 +27,11 @@ from hf_linattn.kernels.triton.triton_block import block_residual_attention_trit
 
 # fp32 states from fp32 or bf16-loaded inputs (the reference runs in fp64 on the same rounded values);
 # bf16 outputs carry bf16 rounding (the interpreter truncates instead of rounding: up to 2^-8 relative)
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5}
-TOL_OUT = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 8e-3}
+# Compiled (GPU) Triton passes Python float arguments (clip, scale) as fp32 scalars: fp64 results then differ
+# from the fp64 reference at ~1e-9 (measured 6e-10 to 1.7e-9 on an H100); the interpreter keeps them fp64.
+FP64_TOL = 1e-10 if DEVICE.type == "cpu" else 1e-8
+TOL = {torch.float64: FP64_TOL, torch.float32: 2e-5, torch.bfloat16: 2e-5}
+TOL_OUT = {torch.float64: FP64_TOL, torch.float32: 2e-5, torch.bfloat16: 8e-3}
 
 
 def kernel_inputs(mode: str, n: int, dtype: torch.dtype, seed: int, initial_state: bool = True) -> list:
@@ -91,7 +94,8 @@ def test_from_zero_state_and_options(mode):
     q, k, v, g, beta, gamma, _, _ = inputs
     o2, final, none = block_residual_attention_triton(q, k, v, g, beta, gamma, mode, CLIP, K**-0.5, None, False,
                                                       record=False)  # fmt: skip
-    assert final is None and none is None and torch.equal(o2, o)
+    # not bitwise: without the record the compiler may fuse the multiply-adds differently
+    assert final is None and none is None and rel_err(o2, o) < 1e-6
     with pytest.raises(ValueError, match="n >= 1"):
         block_residual_attention_triton(*(None if t is None else t[:, :0] for t in inputs[:6]), mode, CLIP, K**-0.5,
                                         None, True)  # fmt: skip
