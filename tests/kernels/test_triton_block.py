@@ -28,8 +28,8 @@ from hf_linattn.kernels.triton.triton_block import block_residual_attention_trit
 # fp32 states from fp32 or bf16-loaded inputs (the reference runs in fp64 on the same rounded values);
 # bf16 outputs carry bf16 rounding (the interpreter truncates instead of rounding: up to 2^-8 relative)
 # Compiled (GPU) Triton passes Python float arguments (clip, scale) as fp32 scalars: fp64 results then differ
-# from the fp64 reference at ~1e-9 (measured 6e-10 to 1.7e-9 on an H100); the interpreter keeps them fp64.
-FP64_TOL = 1e-10 if DEVICE.type == "cpu" else 1e-8
+# from the fp64 reference at ~1e-8 (measured 6e-10 to 1.4e-8 on an H100); the interpreter keeps them fp64.
+FP64_TOL = 1e-10 if DEVICE.type == "cpu" else 5e-8
 TOL = {torch.float64: FP64_TOL, torch.float32: 2e-5, torch.bfloat16: 2e-5}
 TOL_OUT = {torch.float64: FP64_TOL, torch.float32: 2e-5, torch.bfloat16: 8e-3}
 
