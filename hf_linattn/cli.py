@@ -194,6 +194,8 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     task.add_argument("folder", type=Path, help="folder for the task files (pass it to lm_eval --include_path)")
     task.add_argument("--max-docs", type=_positive, default=16, metavar="N", help="held-out documents in the task")
     task.add_argument("--max-chars", type=_positive, default=2000, metavar="N", help="characters per document")
+    task.add_argument("--completion-prompts", type=_positive, default=64, metavar="N",
+                      help="held-out lines of the generate_until task")  # fmt: skip
     task.set_defaults(handler="lm_eval_task")
 
     demo = sub.add_parser("demo", parents=[_common()], formatter_class=HelpFormatter,

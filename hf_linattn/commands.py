@@ -134,15 +134,17 @@ def push_lookahead(args: argparse.Namespace) -> int:
 
 def lm_eval_task(args: argparse.Namespace) -> int:
     """``hf-linattn lm-eval-task``: write the held-out task files and print the lm_eval command."""
-    from hf_linattn.conversion.lm_eval_task import TASK_NAME, write_lm_eval_task
+    from hf_linattn.conversion.lm_eval_task import GENERATION_TASK_NAME, TASK_NAME, write_lm_eval_task
 
-    path = write_lm_eval_task(args.folder, max_docs=args.max_docs, max_chars=args.max_chars)
+    path = write_lm_eval_task(args.folder, max_docs=args.max_docs, max_chars=args.max_chars,
+                              completion_prompts=args.completion_prompts)  # fmt: skip
     # the lm_eval of this environment, so the printed command works without an activated venv
     lm_eval = Path(sys.executable).parent / "lm_eval"
     print(f"task {TASK_NAME}: {path}")
+    print(f"task {GENERATION_TASK_NAME}: {path.with_name(GENERATION_TASK_NAME + '.yaml')}")
     print(f"run: {lm_eval if lm_eval.is_file() else 'lm_eval'} --model hf "
           f"--model_args pretrained=DIR,trust_remote_code=True --include_path {args.folder} "
-          f"--tasks {TASK_NAME} --device cpu --batch_size 1")  # fmt: skip
+          f"--tasks {TASK_NAME},{GENERATION_TASK_NAME} --device cpu --batch_size 1")  # fmt: skip
     return 0
 
 
