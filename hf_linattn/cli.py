@@ -149,6 +149,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
     p.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
                    help="held-out prompts for greedy agreement with the base")  # fmt: skip
+    p.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
+                   help="held-out code lines completed greedily until a newline (exact match); 0: skip")  # fmt: skip
     p.add_argument("--checkpoint-every", type=_positive, default=25, metavar="N",
                    help="save the resumable training state every N steps")  # fmt: skip
     p.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
@@ -160,7 +162,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _add_others(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", parents=[_common()], formatter_class=HelpFormatter,
-                        help="held-out perplexity and greedy agreement with a teacher")  # fmt: skip
+                        help="held-out perplexity, line completion, passkey; agreement with a teacher")  # fmt: skip
     ev.add_argument("model", help="checkpoint folder or Hub id")
     ev.add_argument("--teacher", default=None, metavar="PATH_OR_ID",
                     help="model to compare with (default: the base in the model's conversion report)")  # fmt: skip
@@ -171,6 +173,12 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=_positive, default=4, metavar="B", help="windows per forward pass")
     ev.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
                     help="held-out prompts for greedy agreement with the teacher")  # fmt: skip
+    ev.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
+                    help="held-out code lines to complete greedily until a newline (exact match); 0: skip")  # fmt: skip
+    ev.add_argument("--passkey-lengths", type=_int_at_least(64), nargs="*", default=[], metavar="T",
+                    help="context lengths for passkey retrieval, e.g. 512 1024 2048 (default: none; slow)")  # fmt: skip
+    ev.add_argument("--passkey-trials", type=_positive, default=2, metavar="N",
+                    help="passkeys per length and depth (depths 0.1, 0.5, 0.9)")  # fmt: skip
     ev.add_argument("--report", type=Path, default=None, help="JSON report path (default: MODEL/eval_report.json)")
     ev.set_defaults(handler="evaluate")
 

@@ -56,7 +56,7 @@ def convert(args: argparse.Namespace) -> int:
         residual_clip=args.residual_clip, seed=args.seed, data=[str(p) for p in args.data],
         max_train_tokens=args.max_train_tokens, eval_data=[str(p) for p in args.eval_data],
         eval_tokens=args.eval_tokens, agreement_prompts=args.agreement_prompts,
-        checkpoint_every=args.checkpoint_every,
+        completion_prompts=args.completion_prompts, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
     with _progress(args, transformers=True) as progress:
         report = run_conversion(args.output, recipe, restart=args.restart, overwrite=args.overwrite,
@@ -69,6 +69,8 @@ def convert(args: argparse.Namespace) -> int:
     print(f"teacher perplexity : {report['teacher_perplexity']:.3f}")
     print(f"student perplexity : {report['student_perplexity']:.3f} ({report['perplexity_ratio']:.3f}x teacher)")
     print(f"greedy agreement   : {100 * report['greedy_agreement']['token_agreement']:.1f}% of tokens")
+    for line in _generation_lines(report):
+        print(line)
     print(f"checkpoint         : {args.output} (report: {Path(args.output) / REPORT_NAME})")
     if args.push_to_hub:
         try:
@@ -91,8 +93,10 @@ def evaluate(args: argparse.Namespace) -> int:
         teacher = resolve_base(saved["recipe"]["base"])
     with _progress(args, transformers=True) as progress:
         report = evaluate_checkpoint(
-            args.model, teacher, [str(p) for p in args.eval_data], args.eval_tokens, args.seq_len, args.batch_size,
-            args.agreement_prompts, progress=progress,
+            args.model, teacher, eval_data=[str(p) for p in args.eval_data], eval_tokens=args.eval_tokens,
+            seq_len=args.seq_len, batch_size=args.batch_size, agreement_prompts=args.agreement_prompts,
+            completion_prompts=args.completion_prompts, passkey_lengths=args.passkey_lengths,
+            passkey_trials=args.passkey_trials, progress=progress,
         )  # fmt: skip
     out = args.report or (Path(args.model) if Path(args.model).is_dir() else Path(".")) / "eval_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +107,29 @@ def evaluate(args: argparse.Namespace) -> int:
         agreement = report["greedy_agreement"]
         print(f"greedy agreement   : {100 * agreement['token_agreement']:.1f}% of tokens, "
               f"mean agreeing prefix {agreement['mean_agreeing_prefix']:.1f}")  # fmt: skip
+    for line in _generation_lines(report):
+        print(line)
     print(f"report             : {out}")
     return 0
+
+
+def _generation_lines(report: dict) -> list[str]:
+    """The line-completion and passkey rows of an eval report, teacher beside the model where there is one."""
+    rows = []
+    if "line_completion" in report:
+        lc = report["line_completion"]
+        text = f"line exact match   : {100 * lc['exact_match']:.1f}% of {lc['prompts']} held-out code lines"
+        if "teacher_exact_match" in lc:
+            text += (f" (teacher {100 * lc['teacher_exact_match']:.1f}%, "
+                     f"same as teacher {100 * lc['same_as_teacher']:.1f}%)")  # fmt: skip
+        rows.append(text)
+    if "passkey" in report:
+        pk = report["passkey"]
+        for length, accuracy in pk["accuracy"].items():
+            teacher = pk.get("teacher_accuracy", {}).get(length)
+            rows.append(f"passkey @ {length:<8} : {100 * accuracy:.0f}%"
+                        + (f" (teacher {100 * teacher:.0f}%)" if teacher is not None else ""))  # fmt: skip
+    return rows
 
 
 def _push_folder(folder: Path, repo_id: str, private: bool, token: str | None, args: argparse.Namespace) -> int:

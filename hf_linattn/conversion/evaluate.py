@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .generation_eval import COMPLETION_PROMPTS
+
 
 def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [N, seq_len] of a 1-D token stream (the tail that does not fill one is dropped)."""
@@ -94,18 +96,25 @@ def evaluate_checkpoint(
     seq_len: int = 512,
     batch_size: int = 4,
     agreement_prompts: int = 8,
+    completion_prompts: int = COMPLETION_PROMPTS,
+    passkey_lengths: list[int] | None = None,
+    passkey_trials: int = 2,
     progress: bool = True,
 ) -> dict:
-    """``hf-linattn eval``: held-out perplexity of a checkpoint and, with a teacher, its perplexity and agreement.
+    """``hf-linattn eval``: held-out perplexity, line completion and (if asked) passkey accuracy of a checkpoint;
+    with a teacher, the teacher's too and the greedy agreement.
 
     Any causal LM folder or Hub id loads (ours through trust_remote_code); the teacher must share the
     tokenizer. The report stores absolute paths (or Hub ids), so it means the same from any directory.
+    completion_prompts / passkey_lengths: 0 / None skip those metrics (``generation_eval``).
     """
     from pathlib import Path
 
     from hf_linattn.assets import heldout_texts
 
     from .data import DataError, read_text_sources, token_stream
+    from .generation_eval import completion_prompts as select_prompts
+    from .generation_eval import line_completion_report, passkey_report
     from .loading import (
         check_checkpoint_dir,
         check_same_tokenizer,
@@ -128,6 +137,7 @@ def evaluate_checkpoint(
     model = load_causal_lm(model_path, trust_remote_code=True)
     check_tokenizer(tokenizer, model.config.vocab_size, model_path)
     texts = [t for _, t in read_text_sources(eval_data, "--eval-data")] if eval_data else heldout_texts()
+    lines = select_prompts(texts, completion_prompts) if completion_prompts else []  # refused before any model runs
     held = token_stream(tokenizer, texts, eval_tokens, progress, "tokenizing held-out")
     if held.numel() < seq_len:
         count = held.numel()
@@ -135,6 +145,7 @@ def evaluate_checkpoint(
     report: dict = {"model": model_path, "heldout_tokens": held.numel(), "seq_len": seq_len,
                     "eval_data": eval_data or "embedded heldout.txt"}  # fmt: skip
     report["perplexity"] = round(perplexity(model, held, seq_len, batch_size, progress=progress, desc="model ppl"), 4)
+    teacher = None
     if teacher_path:
         teacher_tokenizer = load_tokenizer(teacher_path, "pass a --teacher that has its tokenizer files")
         check_same_tokenizer(tokenizer, teacher_tokenizer, f"{model_path} vs {teacher_path}")
@@ -146,4 +157,9 @@ def evaluate_checkpoint(
         report["perplexity_ratio"] = round(report["perplexity"] / report["teacher_perplexity"], 4)
         prompts = windows(held, 64)[:agreement_prompts]
         report["greedy_agreement"] = greedy_agreement(model, teacher, prompts, 32, progress)
+    if lines:
+        report["line_completion"] = line_completion_report(model, tokenizer, lines, teacher=teacher, progress=progress)
+    if passkey_lengths:
+        report["passkey"] = passkey_report(model, tokenizer, held, passkey_lengths, passkey_trials, teacher=teacher,
+                                           progress=progress)  # fmt: skip
     return report

@@ -70,11 +70,12 @@ def completion_prompts(
         for i, line in enumerate(lines[:-1]):  # the last piece has no newline after it
             opened = quotes % 2
             quotes += line.count('"""') + line.count("'''")
-            if i >= MIN_CONTEXT_LINES and not opened and quotes % 2 == 0 and '"""' not in line and "'''" not in line:
-                if _split_line("\n" + lines[i - 1] + "\n", line) is not None:
+            in_docstring = opened or quotes % 2 or '"""' in line or "'''" in line
+            if i >= MIN_CONTEXT_LINES and not in_docstring and _split_line(f"\n{lines[i - 1]}\n", line) is not None:
                     candidates.append((doc_index, i))
     if n_prompts > len(candidates):
-        raise EvalInputError(f"{n_prompts} completion prompts asked, the held-out text has {len(candidates)} lines")
+        raise EvalInputError(f"--completion-prompts {n_prompts}: the held-out text has only {len(candidates)} "
+                             "usable code lines; ask for fewer or pass more --eval-data")  # fmt: skip
     prompts = []
     for k in range(n_prompts):
         doc_index, i = candidates[k * len(candidates) // n_prompts]
@@ -120,8 +121,9 @@ def complete_lines(
     out = []
     for prompt in tqdm(prompts, desc=desc, disable=not progress):
         ids = tokenizer(prompt["context"], return_tensors="pt")["input_ids"].to(device)
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                             stopping_criteria=stop, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, stopping_criteria=stop,
+                             pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1] :]  # fmt: skip
         out.append(tokenizer.decode(new, skip_special_tokens=True).split("\n")[0])
     return out
 
@@ -133,21 +135,37 @@ def exact_match(completions: list[str], prompts: list[dict[str, str]]) -> float:
 
 def line_completion_report(
     model: PreTrainedModel,
-    teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[dict[str, str]],
+    teacher: PreTrainedModel | None = None,
     progress: bool = False,
 ) -> dict:
-    """Exact match of student and teacher, and how often the student's completion equals the teacher's."""
-    student = complete_lines(model, tokenizer, prompts, progress=progress, desc="student line completion")
-    reference = complete_lines(teacher, tokenizer, prompts, progress=progress, desc="teacher line completion")
-    return {
-        "prompts": len(prompts),
-        "max_new_tokens": MAX_NEW_TOKENS,
-        "student_exact_match": round(exact_match(student, prompts), 4),
-        "teacher_exact_match": round(exact_match(reference, prompts), 4),
-        "same_as_teacher": round(sum(a == b for a, b in zip(student, reference, strict=True)) / len(prompts), 4),
-    }
+    """Exact match of ``model`` and, with a teacher, the teacher's and how often both completions are the same."""
+    mine = complete_lines(model, tokenizer, prompts, progress=progress, desc="line completion")
+    report = {"prompts": len(prompts), "max_new_tokens": MAX_NEW_TOKENS,
+              "exact_match": round(exact_match(mine, prompts), 4)}  # fmt: skip
+    if teacher is not None:
+        theirs = complete_lines(teacher, tokenizer, prompts, progress=progress, desc="teacher line completion")
+        report["teacher_exact_match"] = round(exact_match(theirs, prompts), 4)
+        report["same_as_teacher"] = round(sum(a == b for a, b in zip(mine, theirs, strict=True)) / len(prompts), 4)
+    return report
+
+
+def passkey_report(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    filler: torch.Tensor,
+    lengths: list[int],
+    trials: int,
+    teacher: PreTrainedModel | None = None,
+    progress: bool = False,
+) -> dict:
+    """Passkey accuracy per context length of ``model`` and, with a teacher, of the teacher."""
+    report = {"depths": list(PASSKEY_DEPTHS), "trials": trials,
+              "accuracy": passkey_accuracy(model, tokenizer, filler, lengths, trials, progress)}  # fmt: skip
+    if teacher is not None:
+        report["teacher_accuracy"] = passkey_accuracy(teacher, tokenizer, filler, lengths, trials, progress, "teacher")
+    return report
 
 
 def passkey_prompts(

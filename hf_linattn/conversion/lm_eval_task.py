@@ -1,8 +1,8 @@
 """A local lm-evaluation-harness task over the held-out text, so converted checkpoints run under ``lm_eval``.
 
     hf-linattn lm-eval-task tasks/
-    .venv/bin/lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True \\
-                      --include_path tasks/ --tasks hf_linattn_heldout,hf_linattn_heldout_lines --device cpu --batch_size 1
+    .venv/bin/lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path tasks/ \\
+                      --tasks hf_linattn_heldout,hf_linattn_heldout_lines --device cpu --batch_size 1
 
 ``hf_linattn_heldout`` is a rolling log-likelihood (perplexity) task like wikitext: word perplexity, byte
 perplexity and bits per byte over each document. ``hf_linattn_heldout_lines`` (same folder, pass
@@ -125,8 +125,8 @@ def write_lm_eval_task(
     name = GENERATION_TASK_NAME
     atomic_write_text(folder / f"{name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     atomic_write_text(folder / f"{name}_task.py", _TASK_CLASS.format(name=name))
-    atomic_write_text(folder / f"{name}.yaml",
-                      _GENERATION_YAML.format(name=name, max_new_tokens=MAX_NEW_TOKENS, prompts=len(lines)))  # fmt: skip
+    yaml = _GENERATION_YAML.format(name=name, max_new_tokens=MAX_NEW_TOKENS, prompts=len(lines))
+    atomic_write_text(folder / f"{name}.yaml", yaml)
     path = folder / f"{TASK_NAME}.yaml"
     atomic_write_text(path, _YAML.format(name=TASK_NAME))
     return path

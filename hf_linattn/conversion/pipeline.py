@@ -36,6 +36,7 @@ from .attention_transfer import TRANSFERRED, attention_transfer, layer_errors
 from .checkpoint import StageCheckpoint, atomic_save, reading_state
 from .data import DataError, batch_for_step, check_training_tokens, read_text_sources, token_stream
 from .evaluate import greedy_agreement, perplexity, windows
+from .generation_eval import COMPLETION_PROMPTS, completion_prompts, line_completion_report
 from .loading import load_base, resolve_source
 from .lora import LOSSES, lora_recover
 from .output import REPORT_NAME, WORK_DIR, RecipeMismatchError, finalize, plan_output, prepare_build
@@ -80,6 +81,7 @@ class ConversionRecipe:
     eval_data: list[str] = field(default_factory=list)
     eval_tokens: int = 65536
     agreement_prompts: int = 8
+    completion_prompts: int = COMPLETION_PROMPTS
     checkpoint_every: int = 25
 
     def check(self) -> None:
@@ -90,7 +92,8 @@ class ConversionRecipe:
             raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.keep_softmax and self.keep_softmax_layers is not None:
             raise RecipeError("give --keep-softmax N or --keep-softmax-layers i,j, not both")
-        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "agreement_prompts"):
+        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "agreement_prompts",
+                     "completion_prompts"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise RecipeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens", "max_train_tokens", "lora_rank"):
@@ -141,15 +144,18 @@ def resolve_base(base: str) -> str:
 
 def train_and_eval_tokens(
     recipe: ConversionRecipe, tokenizer: PreTrainedTokenizerBase, progress: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training stream (``--data``, else the stdlib corpus) and held-out stream (``--eval-data``, else heldout.txt)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, str]]]:
+    """Training stream (``--data``, else the stdlib corpus), held-out stream (``--eval-data``, else heldout.txt)
+    and the held-out line-completion prompts (selected here, so too few lines are refused before training)."""
     from hf_linattn.assets import heldout_texts, training_texts
 
     train_texts = [t for _, t in read_text_sources(recipe.data)] if recipe.data else training_texts()
     eval_texts = [t for _, t in read_text_sources(recipe.eval_data, "--eval-data")] if recipe.eval_data else None
+    eval_texts = eval_texts or heldout_texts()
+    lines = completion_prompts(eval_texts, recipe.completion_prompts) if recipe.completion_prompts else []
     train = token_stream(tokenizer, train_texts, recipe.max_train_tokens, progress, "tokenizing training text")
-    held = token_stream(tokenizer, eval_texts or heldout_texts(), recipe.eval_tokens, progress, "tokenizing held-out")
-    return train, held
+    held = token_stream(tokenizer, eval_texts, recipe.eval_tokens, progress, "tokenizing held-out")
+    return train, held, lines
 
 
 def _new_piece_names(model: LinAttnForCausalLM) -> list[str]:
@@ -269,7 +275,7 @@ def convert(
         raise RecipeError(f"--keep-softmax {recipe.keep_softmax} exceeds the base model's {n} layers")
     if recipe.batch_size % accelerator.num_processes:
         raise RecipeError(f"--batch-size {recipe.batch_size} does not split over {accelerator.num_processes} processes")
-    train, held = train_and_eval_tokens(recipe, tokenizer, progress)
+    train, held, lines = train_and_eval_tokens(recipe, tokenizer, progress)
     check_training_tokens(train, recipe.seq_len)
     if held.numel() < recipe.seq_len:
         count = held.numel()
@@ -305,7 +311,7 @@ def convert(
     if main:
         _say(progress, f"saving the checkpoint into {build}")
         save_student(student, base, tokenizer, build, stored_dtype)
-        report = evaluate_conversion(build, base, held, recipe, progress)
+        report = evaluate_conversion(build, base, tokenizer, held, lines, recipe, progress)
         report.update(
             recipe=mine,
             base_model_type=base.config.model_type,
@@ -351,20 +357,33 @@ def save_student(
 
 
 def evaluate_conversion(
-    output: Path, base: PreTrainedModel, held: torch.Tensor, recipe: ConversionRecipe, progress: bool
+    output: Path,
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    held: torch.Tensor,
+    lines: list[dict[str, str]],
+    recipe: ConversionRecipe,
+    progress: bool,
 ) -> dict:
-    """Held-out perplexity of teacher and of the saved student (reloaded from disk), and greedy agreement."""
+    """Held-out perplexity of teacher and of the saved student (reloaded from disk), greedy agreement and line
+    completion. Passkey retrieval is left to ``hf-linattn eval --passkey-lengths``: seconds per length
+    and model, near zero on the embedded models, so not worth every conversion's time.
+    """
     saved = LinAttnForCausalLM.from_pretrained(output, dtype=torch.float32).to(base.device).eval()
     teacher_ppl = perplexity(base, held, recipe.seq_len, recipe.batch_size, progress=progress, desc="teacher ppl")
     student_ppl = perplexity(saved, held, recipe.seq_len, recipe.batch_size, progress=progress, desc="student ppl")
     prompts = windows(held, 64)[: recipe.agreement_prompts].to(base.device)
     agreement = greedy_agreement(saved, base, prompts, max_new_tokens=32, progress=progress)
+    extra = {}
+    if lines:
+        extra["line_completion"] = line_completion_report(saved, tokenizer, lines, teacher=base, progress=progress)
     return {
         "teacher_perplexity": round(teacher_ppl, 4),
         "student_perplexity": round(student_ppl, 4),
         "perplexity_ratio": round(student_ppl / teacher_ppl, 4),
         "heldout_tokens": min(held.numel(), recipe.eval_tokens),
         "greedy_agreement": agreement,
+        **extra,
     }
 
 

@@ -28,6 +28,13 @@ def render_model_card(report: dict, repo_id: str | None = None) -> ModelCard:
         tags=["hf_linattn", "linear-attention", recipe["mode"], "custom_code", "conversion"],
     )
     kept = report["kept_softmax_layers"]
+    completion = report.get("line_completion")  # absent from reports written before it existed
+    lines = completion and {
+        "prompts": completion["prompts"], "max_new_tokens": completion["max_new_tokens"],
+        "student": f"{100 * completion['exact_match']:.1f}%",
+        "teacher": f"{100 * completion['teacher_exact_match']:.1f}%",
+        "same": f"{100 * completion['same_as_teacher']:.1f}%",
+    }  # fmt: skip
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
@@ -46,6 +53,7 @@ def render_model_card(report: dict, repo_id: str | None = None) -> ModelCard:
         ratio=f"{report['perplexity_ratio']:.3f}",
         agreement=f"{100 * report['greedy_agreement']['token_agreement']:.1f}",
         prefix=f"{report['greedy_agreement']['mean_agreeing_prefix']:.1f}",
+        lines=lines,
         layer_types=", ".join(report["layer_types"]),
         recipe=recipe,
         tokens=report["train_tokens_seen"],

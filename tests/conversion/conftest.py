@@ -12,7 +12,7 @@ from hf_linattn.cli import main
 # A tiny budget: the point is the machinery, not the quality (docs/benchmarks.md measures quality).
 TINY = ["--attention-transfer-steps", "4", "--lora-steps", "4", "--seq-len", "64", "--batch-size", "2",
         "--eval-tokens", "2048", "--max-train-tokens", "60000", "--agreement-prompts", "2",
-        "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
+        "--completion-prompts", "4", "--checkpoint-every", "1", "--no-progress"]  # fmt: skip
 
 
 def convert_cli(output: Path, *extra: str) -> dict:

@@ -29,11 +29,12 @@ from hf_linattn.conversion.generation_eval import (
     passkey_prompts,
 )
 from hf_linattn.conversion.lm_eval_task import GENERATION_TASK_NAME
+from tests.clitools import ENV, run_cli
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: generation is many tiny steps, and two threads on a shared 2-core machine spin 20x slower."""
+    """One torch thread: generation is many tiny steps; two threads on a shared 2-core machine spin 20x slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -43,7 +44,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def teacher():
     torch.manual_seed(0)
-    return AutoTokenizer.from_pretrained(TEACHER_DIR), AutoModelForCausalLM.from_pretrained(TEACHER_DIR, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(TEACHER_DIR, dtype=torch.float32).eval()
+    return AutoTokenizer.from_pretrained(TEACHER_DIR), model
 
 
 def test_selection_is_deterministic_and_split_where_the_tokenizer_splits(teacher):
@@ -56,7 +58,7 @@ def test_selection_is_deterministic_and_split_where_the_tokenizer_splits(teacher
         whole = tok(p["context"] + p["target"])["input_ids"]
         assert whole[: len(tok(p["context"])["input_ids"])] == tok(p["context"])["input_ids"], p
     assert build_parser().parse_args(["lm-eval-task", "x"]).completion_prompts == COMPLETION_PROMPTS
-    with pytest.raises(EvalInputError, match="completion prompts asked"):
+    with pytest.raises(EvalInputError, match="--completion-prompts 1: the held-out text has only 0"):
         completion_prompts(["a = 1\n" * 3], 1)
 
 
@@ -81,9 +83,9 @@ def test_line_completion_equals_a_hand_greedy_loop_and_teacher_vs_itself_agrees(
     rigged = [{**prompts[0], "target": got[0]}, *prompts[1:]]
     expected = (1 + sum(g == p["target"] for g, p in zip(got[1:], prompts[1:]))) / len(prompts)
     assert exact_match(got, rigged) == pytest.approx(expected) and expected > 0
-    report = line_completion_report(model, model, tok, rigged)
+    report = line_completion_report(model, tok, rigged, teacher=model)
     assert report["same_as_teacher"] == 1.0
-    assert report["student_exact_match"] == report["teacher_exact_match"] == round(expected, 4)
+    assert report["exact_match"] == report["teacher_exact_match"] == round(expected, 4)
 
 
 class _CopyStub(torch.nn.Module):
@@ -120,11 +122,11 @@ def test_lm_eval_generate_until_exact_match_equals_ours(converted, tmp_path):
     prompts = [json.loads(line) for line in (tasks / f"{GENERATION_TASK_NAME}.jsonl").read_text().splitlines()]
     assert prompts == completion_prompts(heldout_texts(), 8)
     lm_eval = Path(sys.executable).parent / "lm_eval"
-    cmd = [str(lm_eval), "--model", "hf", "--model_args", f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+    model_args = f"pretrained={model_dir},trust_remote_code=True,dtype=float32"
+    cmd = [str(lm_eval), "--model", "hf", "--model_args", model_args,
            "--include_path", str(tasks), "--tasks", GENERATION_TASK_NAME, "--device", "cpu", "--batch_size", "1",
            "--output_path", str(tmp_path / "results"), "--log_samples"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     (results_file,) = (tmp_path / "results").rglob("results_*.json")
     got = json.loads(results_file.read_text())["results"][GENERATION_TASK_NAME]["exact_match,none"]
@@ -136,3 +138,35 @@ def test_lm_eval_generate_until_exact_match_equals_ours(converted, tmp_path):
     ours = complete_lines(model, tok, prompts)
     assert sorted(theirs) == sorted(ours)  # lm_eval reorders requests by length
     assert got == pytest.approx(exact_match(ours, prompts))
+
+
+def test_convert_reports_line_completion_and_eval_cli_prints_and_writes_the_new_fields(converted, tmp_path, capsys):
+    model_dir, report = converted
+    lc = report["line_completion"]  # TINY asks for 4 prompts
+    assert lc["prompts"] == 4 and set(lc) == {"prompts", "max_new_tokens", "exact_match", "teacher_exact_match",
+                                               "same_as_teacher"}  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True)
+    prompts = completion_prompts(heldout_texts(), 4)
+    assert lc["exact_match"] == round(exact_match(complete_lines(student, tok, prompts), prompts), 4)
+    assert "line exact match" in (model_dir / "README.md").read_text()
+
+    out = tmp_path / "eval.json"
+    run = run_cli("eval", model_dir, "--eval-tokens", "256", "--seq-len", "64", "--agreement-prompts", "1",
+                  "--completion-prompts", "3", "--passkey-lengths", "96", "128", "--passkey-trials", "1",
+                  "--report", out, "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    ev = json.loads(out.read_text())
+    assert ev["line_completion"]["prompts"] == 3 and "teacher_exact_match" in ev["line_completion"]
+    assert set(ev["passkey"]["accuracy"]) == set(ev["passkey"]["teacher_accuracy"]) == {"96", "128"}
+    assert ev["passkey"]["trials"] == 1 and ev["passkey"]["depths"] == list(PASSKEY_DEPTHS)
+    assert "of 3 held-out code lines (teacher" in run.stdout and "passkey @ 128" in run.stdout
+
+    # bad input: one clear line, before any metric runs
+    assert main(["eval", str(model_dir), "--completion-prompts", "100000", "--no-progress",
+                 "--report", str(tmp_path / "bad.json")]) == 1  # fmt: skip
+    assert "--completion-prompts 100000: the held-out text has only" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(model_dir), "--passkey-lengths", "10"])
+    assert exit_info.value.code == 2 and "must be >= 64" in capsys.readouterr().err

@@ -18,6 +18,8 @@ from tests.clitools import assert_one_line_error, snapshot
 REPORT = {
     "teacher_perplexity": 12.3456, "student_perplexity": 13.5, "perplexity_ratio": 1.0935, "heldout_tokens": 4096,
     "greedy_agreement": {"token_agreement": 0.625, "mean_agreeing_prefix": 7.5},
+    "line_completion": {"prompts": 64, "max_new_tokens": 32, "exact_match": 0.0938, "teacher_exact_match": 0.1406,
+                        "same_as_teacher": 0.4219},
     "recipe": {"base": "Qwen/Qwen3-0.6B", "mode": "rdn", "keep_softmax": 1, "keep_softmax_layers": None,
                "attention_transfer_steps": 10, "attention_transfer_lr": 0.01, "lora_steps": 20, "lora_lr": 0.001,
                "lora_rank": 8, "lora_alpha": 16, "lora_mlp": True, "loss": "kl", "batch_size": 4, "seq_len": 512,
@@ -57,6 +59,11 @@ def test_card_metadata_and_figures():
     assert "12.346" in text and "13.500 (1.093x)" in text and "62.5%" in text
     assert "| error | 0.1000 | 0.2000 | 0.9000 | 0.3000 |" in text
     assert "highest stage-1 error" in text and "+ MLP" in text
+    assert "| model | perplexity | line exact match |" in text and "| 13.500 (1.093x) | 9.4% |" in text
+    assert "| 12.346 | 14.1% |" in text and "of 64 held-out code lines" in text and "on\n42.2% of them" in text
+    # a report from before the line-completion metric still renders, without its column
+    old = render_model_card({k: v for k, v in REPORT.items() if k != "line_completion"})
+    assert "| model | perplexity |\n|---|---|\n" in str(old) and "line exact match" not in str(old)
 
 
 @pytest.fixture
