@@ -57,7 +57,8 @@ def test_selection_is_deterministic_and_split_where_the_tokenizer_splits(teacher
         assert "\n" not in p["target"] and p["target"].strip() and len(tok(p["context"])["input_ids"]) <= 256
         whole = tok(p["context"] + p["target"])["input_ids"]
         assert whole[: len(tok(p["context"])["input_ids"])] == tok(p["context"])["input_ids"], p
-    assert build_parser().parse_args(["lm-eval-task", "x"]).completion_prompts == COMPLETION_PROMPTS
+    for argv in (["lm-eval-task", "x"], ["eval", "x"], ["convert", "--output", "x"]):  # cli.py stays torch-free
+        assert build_parser().parse_args(argv).completion_prompts == COMPLETION_PROMPTS
     with pytest.raises(EvalInputError, match="--completion-prompts 1: the held-out text has only 0"):
         completion_prompts(["a = 1\n" * 3], 1)
 
