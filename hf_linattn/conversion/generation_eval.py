@@ -171,7 +171,10 @@ def passkey_report(
 def passkey_prompts(
     tokenizer: PreTrainedTokenizerBase, filler: torch.Tensor, length: int, trials: int, seed: int = 0
 ) -> list[tuple[torch.Tensor, str]]:
-    """(input ids [length], key) per depth and trial: the key line spliced into held-out filler tokens [N]."""
+    """(input ids, key) per depth and trial: the key line spliced into held-out filler tokens [N].
+
+    Prompt and answer fit in ``length``: the prompt has ``length - PASSKEY_NEW_TOKENS`` tokens.
+    """
     rng = random.Random(seed * 1_000_003 + length)
     out = []
     for depth in PASSKEY_DEPTHS:
@@ -179,10 +182,11 @@ def passkey_prompts(
             key = str(rng.randrange(10_000, 100_000))
             needle = tokenizer(_NEEDLE.format(key=key), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
             question = tokenizer(_QUESTION, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            room = length - needle.numel() - question.numel()
+            room = length - PASSKEY_NEW_TOKENS - needle.numel() - question.numel()
             if room < 1:
-                raise EvalInputError(f"--passkey-lengths {length}: too short for the key and question "
-                                     f"({needle.numel() + question.numel()} tokens)")  # fmt: skip
+                need = needle.numel() + question.numel() + PASSKEY_NEW_TOKENS
+                raise EvalInputError(f"--passkey-lengths {length}: too short for the key, question and answer "
+                                     f"({need} tokens)")  # fmt: skip
             start = rng.randrange(max(1, filler.numel() - room))
             text = filler[start : start + room]
             if text.numel() < room:  # a short held-out text repeats

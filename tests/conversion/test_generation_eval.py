@@ -20,6 +20,7 @@ from hf_linattn.conversion.data import token_stream
 from hf_linattn.conversion.generation_eval import (
     COMPLETION_PROMPTS,
     PASSKEY_DEPTHS,
+    PASSKEY_NEW_TOKENS,
     EvalInputError,
     complete_lines,
     completion_prompts,
@@ -106,7 +107,7 @@ def test_passkey_metric_passes_a_copying_model_and_fails_a_short_sighted_one(tea
     tok, _ = teacher
     filler = token_stream(tok, heldout_texts(), 8192)
     cases = passkey_prompts(tok, filler, 1024, trials=2)
-    assert len(cases) == 2 * len(PASSKEY_DEPTHS) and all(ids.numel() == 1024 for ids, _ in cases)
+    assert len(cases) == 2 * len(PASSKEY_DEPTHS) and all(ids.numel() == 1024 - PASSKEY_NEW_TOKENS for ids, _ in cases)
     assert len({key for _, key in cases}) == len(cases)  # a fixed answer cannot pass
     assert passkey_accuracy(_CopyStub(tok, 10_000), tok, filler, [256, 1024], trials=2) == {"256": 1.0, "1024": 1.0}
     # sees the last 300 tokens: every depth at 256; at 1024 only the key at depth 0.9 (about 100 tokens from the end)
