@@ -3,7 +3,8 @@
 The parts, one file each: base loading with input checks (``loading.py``), weight transfer
 (``transfer.py``), stage-1 attention transfer (``attention_transfer.py``), stage-2 PEFT LoRA
 recovery (``lora.py``), hybrid layer selection (``selection.py``), data (``data.py``), resumable
-training state (``checkpoint.py``, ``training.py``), evaluation (``evaluate.py``, ``lm_eval_task.py``),
+training state (``checkpoint.py``, ``training.py``), evaluation (``evaluate.py``, ``generation_eval.py``,
+``lm_eval_task.py``),
 what an output folder may be replaced by (``output.py``) and the whole resumable run behind
 ``hf-linattn convert`` (``pipeline.py``).
 """
@@ -11,6 +12,7 @@ what an output folder may be replaced by (``output.py``) and the whole resumable
 from .attention_transfer import attention_transfer, layer_errors
 from .data import DataError
 from .evaluate import evaluate_checkpoint, greedy_agreement, perplexity
+from .generation_eval import EvalInputError, complete_lines, completion_prompts, passkey_accuracy
 from .loading import IncompleteWeightsError, MissingCheckpointFileError, TokenizerMismatchError, load_base
 from .lora import lora_recover, recovery_loss
 from .output import RecipeMismatchError
@@ -29,6 +31,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ConversionRecipe",
     "DataError",
+    "EvalInputError",
     "IncompleteWeightsError",
     "MissingCheckpointFileError",
     "NonFiniteLossError",
@@ -37,6 +40,8 @@ __all__ = [
     "TokenizerMismatchError",
     "UnsupportedBaseModelError",
     "attention_transfer",
+    "complete_lines",
+    "completion_prompts",
     "convert",
     "evaluate_checkpoint",
     "greedy_agreement",
@@ -46,6 +51,7 @@ __all__ = [
     "linearize",
     "load_base",
     "lora_recover",
+    "passkey_accuracy",
     "perplexity",
     "recovery_loss",
     "select_softmax_layers",
