@@ -53,7 +53,7 @@ def test_reports_store_paths_that_resolve_from_anywhere(finished, tmp_path):
     model = _copy_run(finished, tmp_path / "model")
     relative = Path("..") / "model"
     result = run_cli("eval", relative, "--eval-tokens", "256", "--seq-len", "64", "--agreement-prompts", "1",
-                     "--no-progress", cwd=elsewhere)  # fmt: skip
+                     "--completion-prompts", "1", "--no-progress", cwd=elsewhere)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ev = json.loads((model / "eval_report.json").read_text())
     assert ev["teacher"] == str((work / "base").resolve())  # read from the conversion report

@@ -61,12 +61,14 @@ def test_eval_cli_reproduces_the_reported_perplexities(converted, tmp_path):
     out, report = converted
     path = tmp_path / "eval.json"
     assert main(["eval", str(out), "--eval-tokens", "2048", "--seq-len", "64", "--batch-size", "2",
-                 "--agreement-prompts", "2", "--report", str(path), "--no-progress"]) == 0  # fmt: skip
+                 "--agreement-prompts", "2", "--completion-prompts", "4", "--report", str(path),
+                 "--no-progress"]) == 0  # fmt: skip
     ev = json.loads(path.read_text())
     assert ev["teacher"] == str(TEACHER_DIR)  # taken from the conversion report
     assert ev["perplexity"] == pytest.approx(report["student_perplexity"], rel=1e-5)
     assert ev["teacher_perplexity"] == pytest.approx(report["teacher_perplexity"], rel=1e-5)
     assert ev["greedy_agreement"] == report["greedy_agreement"]
+    assert ev["line_completion"] == report["line_completion"]  # same 4 prompts (conftest TINY)
 
 
 def test_explicit_softmax_layers_and_recipe_mismatch_keeps_the_run(tmp_path):
