@@ -233,11 +233,12 @@ def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     """The MQAR sweep's flags, shared by ``hf-linattn bench mqar`` and ``benchmarks/mqar.py``.
 
     The defaults must match ``MqarSettings`` (hf_linattn.evaluation.mqar, which loads torch); a test keeps them equal.
+    List defaults are strings, so that help shows them as typed; argparse passes string defaults through ``type``.
     """
-    p.add_argument("--mixers", type=_mixers, default=list(BENCH_MIXERS), metavar="M,M,...",
+    p.add_argument("--mixers", type=_mixers, default=",".join(BENCH_MIXERS), metavar="M,M,...",
                    help="mixers to train, 2 layers each; full_attention is the softmax reference")  # fmt: skip
-    p.add_argument("--dims", type=_int_list, default=[64, 128], metavar="D,D,...", help="model dims")
-    p.add_argument("--pairs", type=_int_list, default=[4, 8], metavar="P,P,...", help="key-value pairs")
+    p.add_argument("--dims", type=_int_list, default="64,128", metavar="D,D,...", help="model dims")
+    p.add_argument("--pairs", type=_int_list, default="4,8", metavar="P,P,...", help="key-value pairs")
     p.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per cell (0..N-1): mean ± std")
     p.add_argument("--seq-len", type=_positive, default=128, metavar="T", help="tokens per example")
     p.add_argument("--vocab-size", type=_positive, default=None, metavar="V",
