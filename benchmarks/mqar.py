@@ -33,10 +33,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:  # seconds: every mixer, one tiny cell
         args.dims, args.pairs, args.seeds, args.seq_len, args.steps, args.batch_size = [32], [2], 1, 16, 5, 4
+        args.workers = 1
     machine = setup(args)
     settings = mqar_settings_from_args(args)
-    report = run_mqar(settings, progress=not args.no_progress)
-    print(f"\n{describe(machine)}; {report['wall_seconds']:.0f} s wall\n")
+    report = run_mqar(settings, progress=not args.no_progress, threads=args.threads, workers=args.workers)
+    print(f"\n{describe(machine)}; {report['workers']} worker(s); {report['wall_seconds']:.0f} s wall\n")
     print(table_title(settings) + "\n")
     print(format_summary(report["summary"]))
     print("\n" + paper_claims_text(report["paper_claims"]))

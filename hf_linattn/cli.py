@@ -247,9 +247,11 @@ def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     p.add_argument("--steps", type=_positive, default=300, metavar="N", help="training steps per model")
     p.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="examples per step")
     p.add_argument("--lr", type=_positive_float, default=3e-3, metavar="LR", help="peak AdamW learning rate")
+    p.add_argument("--workers", type=_positive, default=2, metavar="N",
+                   help="models trained at once, in separate processes (1: in this process)")  # fmt: skip
     if threads:  # benchmarks/_common.py's parser has its own --threads
         p.add_argument("--threads", type=_positive, default=None, metavar="N",
-                       help="torch intra-op threads (default: torch's)")  # fmt: skip
+                       help="torch threads per worker (default: 1 with --workers > 1, else torch's)")  # fmt: skip
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:

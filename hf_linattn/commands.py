@@ -171,8 +171,9 @@ def bench_mqar(args: argparse.Namespace) -> int:
 
     with _progress(args, transformers=True) as progress:
         report, png = run_and_report(mqar_settings_from_args(args), json_path=args.output, progress=progress,
-                                     threads=args.threads)  # fmt: skip
-    print(f"wall time          : {report['wall_seconds']:.0f} s ({report['torch_threads']} torch threads)")
+                                     threads=args.threads, workers=args.workers)  # fmt: skip
+    print(f"wall time          : {report['wall_seconds']:.0f} s ({report['workers']} worker(s), "
+          f"{report['torch_threads_per_worker']} torch thread(s) each)")
     print(f"report             : {args.output}")
     print(f"plot               : {png}")
     return 0
