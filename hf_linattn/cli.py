@@ -33,7 +33,8 @@ EPILOG = """\
 examples:
   hf-linattn convert --output outputs/rdn-hybrid --mode rdn --keep-softmax 2
   hf-linattn eval outputs/rdn-hybrid
-  hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid"""
+  hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid
+  hf-linattn bench mqar --output outputs/mqar.json"""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
