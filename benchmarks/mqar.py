@@ -4,7 +4,8 @@ Trains one ``LinAttnForCausalLM`` per mixer x model dim x number of key-value pa
 MQAR batches and reports the test accuracy on the answer positions (mean ± std over seeds), a
 Markdown table, how often rdn >= gdn and rla >= gla hold (the claim of arXiv 2509.25223), the JSON
 report and a PNG beside it. The logic lives in ``hf_linattn.evaluation.mqar``; ``hf-linattn bench
-mqar`` runs the same sweep. Default grid: ~10-15 min on 2 cores; the paper-sized grid is e.g.
+mqar`` runs the same sweep. Default grid: 20 min measured on 2 cores shared with another job (~10 min
+idle, estimated from its CPU time); the full range of the issue is e.g.
 ``--dims 64,128 --pairs 4,8,16,32,64 --seq-len 256 --seeds 3 --steps 1000``.
 """
 
