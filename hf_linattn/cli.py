@@ -19,6 +19,8 @@ from hf_linattn.kernels.modes import MODES
 # Softmax layer types of LinAttnConfig (hf_linattn.modeling, which loads torch); a test keeps them equal.
 SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
+# mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
+BENCH_MIXERS = (*MODES, "full_attention")
 
 DESCRIPTION = """\
 Residual linear attention (gla, gdn, rla, rdn) for Hugging Face transformers: linearize a Llama,
@@ -31,7 +33,8 @@ EPILOG = """\
 examples:
   hf-linattn convert --output outputs/rdn-hybrid --mode rdn --keep-softmax 2
   hf-linattn eval outputs/rdn-hybrid
-  hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid"""
+  hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid
+  hf-linattn bench mqar --output outputs/mqar.json"""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -215,6 +218,68 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--max-new-tokens", type=_positive, default=32, metavar="N", help="tokens to generate")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random model and prompt")
     demo.set_defaults(handler="demo")
+
+    _add_bench(sub)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 64,128; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 like 64,128; got {text!r}")
+    return values
+
+
+def _mixers(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in BENCH_MIXERS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown mixer(s) {bad}; expected a comma list of {', '.join(BENCH_MIXERS)}")
+    return names
+
+
+def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """The MQAR sweep's flags, shared by ``hf-linattn bench mqar`` and ``benchmarks/mqar.py``.
+
+    The defaults must match ``MqarSettings`` (hf_linattn.evaluation.mqar, which loads torch); a test keeps them equal.
+    List defaults are strings, so that help shows them as typed; argparse passes string defaults through ``type``.
+    """
+    p.add_argument("--mixers", type=_mixers, default=",".join(BENCH_MIXERS), metavar="M,M,...",
+                   help="mixers to train, 2 layers each; full_attention is the softmax reference")  # fmt: skip
+    p.add_argument("--dims", type=_int_list, default="64,128", metavar="D,D,...", help="model dims")
+    p.add_argument("--pairs", type=_int_list, default="4,8", metavar="P,P,...", help="key-value pairs")
+    p.add_argument("--seeds", type=_positive, default=2, metavar="N", help="seeds per cell (0..N-1): mean ± std")
+    p.add_argument("--seq-len", type=_positive, default=128, metavar="T", help="tokens per example")
+    p.add_argument("--vocab-size", type=_positive, default=None, metavar="V",
+                   help="vocabulary: keys from its lower half, values from its upper half (default: "
+                        "max(64, 4 x the largest --pairs))")  # fmt: skip
+    p.add_argument("--steps", type=_positive, default=300, metavar="N", help="training steps per model")
+    p.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="examples per step")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, metavar="LR", help="peak AdamW learning rate")
+    p.add_argument("--workers", type=_positive, default=2, metavar="N",
+                   help="models trained at once, in separate processes (1: in this process)")  # fmt: skip
+    if threads:  # benchmarks/_common.py's parser has its own --threads
+        p.add_argument("--threads", type=_positive, default=None, metavar="N",
+                       help="torch threads per worker (default: 1 with --workers > 1, else torch's)")  # fmt: skip
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", formatter_class=HelpFormatter,
+                           help="benchmarks of the models themselves (mqar), with JSON + PNG reports",
+                           description="Benchmarks of the models themselves; each writes a JSON report and a PNG.",
+                           )  # fmt: skip
+    kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="the benchmark to run")
+    # one parser per benchmark; ablations and long-context join here with their own handler
+    mqar = kinds.add_parser("mqar", parents=[_common()], formatter_class=HelpFormatter,
+                            help="multi-query associative recall of tiny 2-layer models of every mode and softmax",
+                            description="MQAR (Zoology): trains tiny 2-layer models of each mixer on key-value recall\n"
+                            "and reports test accuracy (mean ± std over seeds) vs pairs and model dim.")  # fmt: skip
+    add_mqar_options(mqar)
+    mqar.add_argument("--output", type=Path, default=Path("mqar.json"), metavar="PATH",
+                      help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
+    mqar.set_defaults(handler="bench_mqar")
 
 
 def build_parser() -> argparse.ArgumentParser:

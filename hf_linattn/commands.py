@@ -190,3 +190,17 @@ def demo(args: argparse.Namespace) -> int:
     print(f"remote == local   : {report['remote_equals_local']}")
     print(f"report            : {Path(args.output) / 'demo_report.json'}")
     return 0 if report["ok"] else 1
+
+
+def bench_mqar(args: argparse.Namespace) -> int:
+    """``hf-linattn bench mqar``: train the MQAR sweep, print the accuracy table, write the JSON report and PNG."""
+    from hf_linattn.evaluation.mqar import mqar_settings_from_args, run_and_report
+
+    with _progress(args, transformers=True) as progress:
+        report, png = run_and_report(mqar_settings_from_args(args), json_path=args.output, progress=progress,
+                                     threads=args.threads, workers=args.workers)  # fmt: skip
+    print(f"wall time          : {report['wall_seconds']:.0f} s ({report['workers']} worker(s), "
+          f"{report['torch_threads_per_worker']} torch thread(s) each)")
+    print(f"report             : {args.output}")
+    print(f"plot               : {png}")
+    return 0

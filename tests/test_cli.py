@@ -13,7 +13,7 @@ from hf_linattn import commands
 from hf_linattn.cli import LAYER_TYPES, build_parser, main
 from tests.clitools import ENV, assert_one_line_error, run_cli
 
-COMMANDS = ["convert", "eval", "push", "push-lookahead", "lm-eval-task", "demo"]
+COMMANDS = ["convert", "eval", "push", "push-lookahead", "lm-eval-task", "demo", "bench"]
 
 # Runs the CLI, then reports which heavy modules it imported
 _PROBE = """
@@ -32,7 +32,14 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return dict(action.choices)
 
 
-ARGV = [["--help"], ["convert", "--help"], ["eval", "--help"], ["convert", "--keep-softmax", "-1", "--output", "x"]]
+ARGV = [
+    ["--help"],
+    ["convert", "--help"],
+    ["eval", "--help"],
+    ["bench", "mqar", "--help"],
+    ["convert", "--keep-softmax", "-1", "--output", "x"],
+    ["bench", "mqar", "--dims", "0"],
+]
 
 
 @pytest.mark.parametrize("argv", ARGV)

@@ -123,3 +123,10 @@ def test_copy_prompts_continue_by_copying_their_prompt():
     chosen = copy_prompts(tok, count=3, prompt_tokens=64, new_tokens=16)
     assert len(chosen) == 3 and all(ids.shape == (1, 64) for ids, _ in chosen)
     assert min(score for _, score in chosen) >= 0.5  # most of each continuation is copyable from its prompt
+
+
+def test_mqar_script_reports_every_mixer_and_a_png(tmp_path):
+    results = run_quick("mqar.py", tmp_path / "mqar.json")
+    assert [r["mixer"] for r in results["summary"]] == ["gla", "gdn", "rla", "rdn", "full_attention"]
+    assert set(results["paper_claims"]) == {"rdn>=gdn", "rla>=gla"}
+    assert (tmp_path / "mqar.png").read_bytes()[:4] == b"\x89PNG"
