@@ -19,6 +19,10 @@ from hf_linattn.kernels.modes import MODES
 # Softmax layer types of LinAttnConfig (hf_linattn.modeling, which loads torch); a test keeps them equal.
 SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
+# hf_linattn.conversion.selection.SELECTIONS (loads torch); a test keeps them equal
+SELECTIONS = ("error", "even", "kl")
+# groups of `hf-linattn bench ablations` (hf_linattn.evaluation.ablations.GROUPS, which loads torch; a test keeps them)
+ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss")
 # mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
 BENCH_MIXERS = (*MODES, "full_attention")
 
@@ -122,9 +126,14 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="rdn", help="linear-attention mode of the converted layers")
     keep = p.add_mutually_exclusive_group()
     keep.add_argument("--keep-softmax", type=_count, default=0, metavar="N",
-                      help="keep the N layers with the highest stage-1 error as softmax attention")  # fmt: skip
+                      help="keep N layers as softmax attention, chosen by --softmax-selection")  # fmt: skip
     keep.add_argument("--keep-softmax-layers", type=_indices, default=None, metavar="I,J",
                       help="keep these layers as softmax attention, e.g. 0,3")  # fmt: skip
+    p.add_argument("--softmax-selection", choices=SELECTIONS, default="error",
+                   help="how --keep-softmax chooses: highest stage-1 error (free), evenly spaced, or KL-guided "
+                   "(one short LoRA run per layer, ranked by KL to the base)")  # fmt: skip
+    p.add_argument("--selection-steps", type=_count, default=20, metavar="N",
+                   help="LoRA steps per candidate layer of --softmax-selection kl")  # fmt: skip
     p.add_argument("--attention-transfer-steps", type=_count, default=100, metavar="N", help="stage-1 steps")
     p.add_argument("--attention-transfer-lr", type=_positive_float, default=1e-2, metavar="LR",
                    help="stage-1 learning rate")  # fmt: skip
@@ -240,6 +249,15 @@ def _mixers(text: str) -> list[str]:
     return names
 
 
+def _ablation_groups(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in ABLATION_GROUPS]
+    if bad or not names:
+        choices = ", ".join(ABLATION_GROUPS)
+        raise argparse.ArgumentTypeError(f"unknown group(s) {bad}; expected a comma list of {choices}")
+    return names
+
+
 def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
     """The MQAR sweep's flags, shared by ``hf-linattn bench mqar`` and ``benchmarks/mqar.py``.
 
@@ -267,11 +285,11 @@ def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", formatter_class=HelpFormatter,
-                           help="benchmarks of the models themselves (mqar), with JSON + PNG reports",
+                           help="model benchmarks (mqar, ablations, long-context) with JSON + PNG reports",
                            description="Benchmarks of the models themselves; each writes a JSON report and a PNG.",
                            )  # fmt: skip
     kinds = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", help="the benchmark to run")
-    # one parser per benchmark; ablations and long-context join here with their own handler
+    # one parser per benchmark, each with its own handler in commands.py
     mqar = kinds.add_parser("mqar", parents=[_common()], formatter_class=HelpFormatter,
                             help="multi-query associative recall of tiny 2-layer models of every mode and softmax",
                             description="MQAR (Zoology): trains tiny 2-layer models of each mixer on key-value recall\n"
@@ -280,6 +298,47 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     mqar.add_argument("--output", type=Path, default=Path("mqar.json"), metavar="PATH",
                       help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
     mqar.set_defaults(handler="bench_mqar")
+
+    abl = kinds.add_parser("ablations", parents=[_common()], formatter_class=HelpFormatter,
+                           help="conversion ablations at equal budget: mode, softmax layers, selection, clip, "
+                           "rotary, loss",
+                           description="Converts one base (default: the embedded teacher) once per ablation row\n"
+                           "at the same budget and reports the held-out perplexity ratio, greedy agreement and\n"
+                           "line exact match. Conversions go to OUTPUT_STEM_runs/ beside the report; a rerun\n"
+                           "resumes.")  # fmt: skip
+    abl.add_argument("--groups", type=_ablation_groups, default=",".join(ABLATION_GROUPS), metavar="G,G,...",
+                     help=f"groups to run, of {', '.join(ABLATION_GROUPS)}")  # fmt: skip
+    abl.add_argument("--base", default="embedded-teacher", help="checkpoint folder, Hub id or embedded-teacher")
+    abl.add_argument("--attention-transfer-steps", type=_count, default=200, metavar="N", help="stage-1 steps per row")
+    abl.add_argument("--lora-steps", type=_count, default=200, metavar="N", help="stage-2 steps per row")
+    abl.add_argument("--selection-steps", type=_count, default=20, metavar="N",
+                     help="LoRA steps per candidate layer of the KL-guided row")  # fmt: skip
+    abl.add_argument("--batch-size", type=_positive, default=4, metavar="B", help="sequences per step")
+    abl.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
+    abl.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
+    abl.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
+                     help="tokenize at most N training tokens")  # fmt: skip
+    abl.add_argument("--agreement-prompts", type=_count, default=8, metavar="N", help="greedy-agreement prompts")
+    abl.add_argument("--completion-prompts", type=_count, default=64, metavar="N", help="line-completion prompts")
+    abl.add_argument("--seed", type=int, default=0, help="seed of every row")
+    abl.add_argument("--output", type=Path, default=Path("ablations.json"), metavar="PATH",
+                     help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
+    abl.set_defaults(handler="bench_ablations")
+
+    lc = kinds.add_parser("long-context", parents=[_common()], formatter_class=HelpFormatter,
+                          help="held-out perplexity and passkey retrieval vs context length for several models",
+                          description="Per model and context length: perplexity of the last quarter of\n"
+                          "held-out windows, and passkey retrieval accuracy (the key at 10%%, 50%% and 90%%\n"
+                          "of the context).")  # fmt: skip
+    lc.add_argument("models", nargs="+", metavar="MODEL",
+                    help="folders or Hub ids sharing one tokenizer; embedded-teacher is the teacher")  # fmt: skip
+    lc.add_argument("--lengths", type=_int_at_least(64), nargs="+", default=[512, 1024, 2048, 4096], metavar="T",
+                    help="context lengths")  # fmt: skip
+    lc.add_argument("--windows", type=_positive, default=4, metavar="N", help="held-out windows per length")
+    lc.add_argument("--passkey-trials", type=_positive, default=2, metavar="N", help="passkey trials per depth")
+    lc.add_argument("--output", type=Path, default=Path("long_context.json"), metavar="PATH",
+                    help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
+    lc.set_defaults(handler="bench_long_context")
 
 
 def build_parser() -> argparse.ArgumentParser:

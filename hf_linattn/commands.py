@@ -49,7 +49,8 @@ def convert(args: argparse.Namespace) -> int:
 
     recipe = ConversionRecipe(
         base=args.base, tokenizer=args.tokenizer, mode=args.mode, keep_softmax=args.keep_softmax,
-        keep_softmax_layers=args.keep_softmax_layers, attention_transfer_steps=args.attention_transfer_steps,
+        keep_softmax_layers=args.keep_softmax_layers, softmax_selection=args.softmax_selection,
+        selection_steps=args.selection_steps, attention_transfer_steps=args.attention_transfer_steps,
         attention_transfer_lr=args.attention_transfer_lr, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_mlp=args.lora_mlp, loss=args.loss,
         batch_size=args.batch_size, seq_len=args.seq_len, linear_use_rotary=args.linear_rotary,
@@ -201,6 +202,38 @@ def bench_mqar(args: argparse.Namespace) -> int:
                                      threads=args.threads, workers=args.workers)  # fmt: skip
     print(f"wall time          : {report['wall_seconds']:.0f} s ({report['workers']} worker(s), "
           f"{report['torch_threads_per_worker']} torch thread(s) each)")
+    print(f"report             : {args.output}")
+    print(f"plot               : {png}")
+    return 0
+
+
+def bench_ablations(args: argparse.Namespace) -> int:
+    """``hf-linattn bench ablations``: one conversion per ablation row at equal budget; table, JSON and PNG."""
+    from hf_linattn.evaluation.ablations import run_and_report
+
+    budget = dict(
+        base=args.base, attention_transfer_steps=args.attention_transfer_steps, lora_steps=args.lora_steps,
+        selection_steps=args.selection_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        eval_tokens=args.eval_tokens, max_train_tokens=args.max_train_tokens, agreement_prompts=args.agreement_prompts,
+        completion_prompts=args.completion_prompts, seed=args.seed,
+    )  # fmt: skip
+    with _progress(args, transformers=True) as progress:
+        report, png = run_and_report(args.groups, json_path=args.output, budget=budget, progress=progress)
+    print(f"wall time          : {report['wall_seconds']:.0f} s ({len(report['rows'])} conversions)")
+    print(f"conversions        : {report['runs_dir']}")
+    print(f"report             : {args.output}")
+    print(f"plot               : {png}")
+    return 0
+
+
+def bench_long_context(args: argparse.Namespace) -> int:
+    """``hf-linattn bench long-context``: perplexity and passkey vs context length; table, JSON and PNG."""
+    from hf_linattn.evaluation.long_context import run_and_report
+
+    with _progress(args, transformers=True) as progress:
+        report, png = run_and_report(args.models, json_path=args.output, lengths=args.lengths, windows=args.windows,
+                                     passkey_trials=args.passkey_trials, progress=progress)  # fmt: skip
+    print(f"wall time          : {report['wall_seconds']:.0f} s")
     print(f"report             : {args.output}")
     print(f"plot               : {png}")
     return 0

@@ -40,7 +40,14 @@ from .generation_eval import COMPLETION_PROMPTS, completion_prompts, line_comple
 from .loading import load_base, resolve_source
 from .lora import LOSSES, lora_recover
 from .output import REPORT_NAME, WORK_DIR, RecipeMismatchError, finalize, plan_output, prepare_build
-from .selection import hybrid_layer_types, select_softmax_layers
+from .selection import (
+    SELECTIONS,
+    evenly_spaced_layers,
+    hybrid_layer_types,
+    kl_guided_scores,
+    select_by_score,
+    select_softmax_layers,
+)
 from .transfer import linearize
 
 EMBEDDED_TEACHER = "embedded-teacher"
@@ -63,6 +70,8 @@ class ConversionRecipe:
     mode: str = "rdn"
     keep_softmax: int = 0
     keep_softmax_layers: list[int] | None = None
+    softmax_selection: str = "error"
+    selection_steps: int = 20
     attention_transfer_steps: int = 100
     attention_transfer_lr: float = 1e-2
     lora_steps: int = 100
@@ -90,10 +99,13 @@ class ConversionRecipe:
             raise RecipeError(f"--mode {self.mode!r}: expected one of {', '.join(LINEAR_LAYER_TYPES)}")
         if self.loss not in LOSSES:
             raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.softmax_selection not in SELECTIONS:
+            choices = ", ".join(SELECTIONS)
+            raise RecipeError(f"--softmax-selection {self.softmax_selection!r}: expected one of {choices}")
         if self.keep_softmax and self.keep_softmax_layers is not None:
             raise RecipeError("give --keep-softmax N or --keep-softmax-layers i,j, not both")
         for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "agreement_prompts",
-                     "completion_prompts"):  # fmt: skip
+                     "completion_prompts", "selection_steps"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise RecipeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens", "max_train_tokens", "lora_rank"):
@@ -214,10 +226,50 @@ def run_stage1(
     return pieces, per_layer, losses
 
 
-def choose_softmax_layers(recipe: ConversionRecipe, errors: list[float]) -> list[int]:
+def build_student(
+    base: PreTrainedModel, recipe: ConversionRecipe, pieces: dict[str, torch.Tensor], kept: list[int]
+) -> LinAttnForCausalLM:
+    """The hybrid with softmax layers ``kept``, linear layers carrying their stage-1 ``pieces``, on base's device."""
+    student = linearize(base, hybrid_layer_types(base.config, recipe.mode, kept), **_config_overrides(recipe))
+    student.load_state_dict({k: v for k, v in pieces.items() if k in _new_piece_names(student)}, strict=False)
+    return student.to(base.device)
+
+
+def choose_softmax_layers(
+    base: PreTrainedModel,
+    recipe: ConversionRecipe,
+    pieces: dict[str, torch.Tensor],
+    errors: list[float],
+    train: torch.Tensor,
+    work: Path,
+    main: bool,
+    progress: bool,
+) -> tuple[list[int], dict]:
+    """The softmax layers to keep, and how they were chosen: ``{"strategy": ..., "scores": {layer: score}}``.
+
+    KL-guided scores are saved in ``work/selection.json`` so that a resumed run does not redo them.
+    """
     if recipe.keep_softmax_layers is not None:
-        return sorted(recipe.keep_softmax_layers)
-    return select_softmax_layers(dict(enumerate(errors)), recipe.keep_softmax)
+        return sorted(recipe.keep_softmax_layers), {"strategy": "named"}
+    n = len(errors)
+    if recipe.softmax_selection == "even":
+        return evenly_spaced_layers(n, recipe.keep_softmax), {"strategy": "even"}
+    if recipe.softmax_selection == "error" or not recipe.keep_softmax:
+        scores = dict(enumerate(errors))
+        return select_softmax_layers(scores, recipe.keep_softmax), {"strategy": "error", "scores": scores}
+    saved = work / "selection.json"
+    if saved.exists():
+        scores = {int(i): v for i, v in read_json_state(saved, "pass --restart to convert again").items()}
+    else:
+        torch.manual_seed(recipe.seed + 2)
+        batches = [batch_for_step(train, s, recipe.batch_size, recipe.seq_len, recipe.seed + 2)
+                   for s in range(recipe.selection_steps)]  # fmt: skip
+        probe = batch_for_step(train, 0, recipe.batch_size, recipe.seq_len, recipe.seed + 3).to(base.device)
+        scores = kl_guided_scores(base, lambda kept: build_student(base, recipe, pieces, kept), batches, probe,
+                                  lr=recipe.lora_lr, progress=progress)  # fmt: skip
+        if main:
+            atomic_write_json(saved, scores)
+    return select_by_score(scores, recipe.keep_softmax), {"strategy": "kl", "scores": scores}
 
 
 def _say(progress: bool, text: str) -> None:
@@ -290,13 +342,11 @@ def convert(
         _say(progress, f"resuming the unfinished conversion in {build}")
 
     pieces, errors, stage1_losses = run_stage1(base, recipe, train, held, work, accelerator, progress)
-    kept = choose_softmax_layers(recipe, errors)
+    kept, selection = choose_softmax_layers(base, recipe, pieces, errors, train, work, main, progress)
     layer_types = hybrid_layer_types(base.config, recipe.mode, kept)
 
     torch.manual_seed(recipe.seed + 1)
-    student = linearize(base, layer_types, **_config_overrides(recipe))
-    student.load_state_dict({k: v for k, v in pieces.items() if k in _new_piece_names(student)}, strict=False)
-    student.to(accelerator.device)
+    student = build_student(base, recipe, pieces, kept)
     stage2_losses: list[float] = []
     if recipe.lora_steps and any(t in LINEAR_LAYER_TYPES for t in layer_types):
         batches = [batch_for_step(train, s, recipe.batch_size, recipe.seq_len, recipe.seed + 1)
@@ -318,6 +368,7 @@ def convert(
             num_layers=n,
             layer_types=layer_types,
             kept_softmax_layers=kept,
+            softmax_selection=selection,
             stage1_layer_errors=errors,
             stage1_losses=stage1_losses,
             stage2_losses=stage2_losses,

@@ -1,11 +1,17 @@
-"""Hybrid selection keeps the layers with the highest stage-1 error as softmax."""
+"""Hybrid selection: highest stage-1 error, evenly spaced, or KL-guided softmax layers."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from hf_linattn.cli import SELECTIONS as CLI_SELECTIONS
 from hf_linattn.conversion import hybrid_layer_types, select_softmax_layers
+from hf_linattn.conversion.pipeline import ConversionRecipe, choose_softmax_layers
+from hf_linattn.conversion.selection import SELECTIONS, evenly_spaced_layers, select_by_score
 
+from .conftest import convert_cli
 from .test_transfer import qwen2
 
 
@@ -25,3 +31,51 @@ def test_kept_layers_keep_their_base_attention_type():
         hybrid_layer_types(config, "rdn", [4])
     with pytest.raises(ValueError, match="unknown mode"):
         hybrid_layer_types(config, "mamba", [])
+
+
+def test_evenly_spaced_layers_take_the_middle_of_each_group():
+    assert evenly_spaced_layers(8, 2) == [2, 6]
+    assert evenly_spaced_layers(8, 1) == [4]
+    assert evenly_spaced_layers(6, 3) == [1, 3, 5]
+    assert evenly_spaced_layers(4, 0) == []
+    with pytest.raises(ValueError, match="keep must be between 0 and 4"):
+        evenly_spaced_layers(4, 5)
+
+
+def test_lowest_kl_scores_are_kept():
+    scores = {0: 0.30, 1: 0.10, 2: 0.20, 3: 0.10}
+    assert select_by_score(scores, 1) == [1]  # tie with layer 3 breaks toward the lower index
+    assert select_by_score(scores, 3) == [1, 2, 3]
+
+
+def test_selection_names_match_the_cli():
+    assert tuple(SELECTIONS) == tuple(CLI_SELECTIONS)
+
+
+def test_kl_guided_conversion_keeps_the_lowest_kl_layers_and_resumes_them(tmp_path):
+    """End to end through the CLI: the kept layers are the lowest-KL ones and the scores reach the report."""
+    out = tmp_path / "kl"
+    report = convert_cli(out, "--keep-softmax", "2", "--softmax-selection", "kl", "--selection-steps", "2")
+    selection = report["softmax_selection"]
+    assert selection["strategy"] == "kl"
+    scores = {int(i): s for i, s in selection["scores"].items()}
+    assert sorted(scores) == list(range(8)) and all(s >= 0 for s in scores.values())
+    assert len(set(scores.values())) > 1  # each candidate really trained and scored its own student
+    assert report["kept_softmax_layers"] == sorted(sorted(scores, key=lambda i: (scores[i], i))[:2])
+    assert report["recipe"]["softmax_selection"] == "kl" and report["recipe"]["selection_steps"] == 2
+
+
+def test_even_selection_through_the_cli(tmp_path):
+    report = convert_cli(tmp_path / "even", "--keep-softmax", "2", "--softmax-selection", "even", "--lora-steps", "1")
+    assert report["kept_softmax_layers"] == [2, 6]
+    assert report["softmax_selection"] == {"strategy": "even"}
+    assert report["layer_types"][2] == report["layer_types"][6] == "full_attention"
+
+
+def test_a_resumed_run_reuses_the_saved_kl_scores(tmp_path):
+    """Scores saved by an interrupted run decide the layers; nothing is recomputed (no model is even needed)."""
+    (tmp_path / "selection.json").write_text(json.dumps({"0": 0.5, "1": 0.1, "2": 0.4, "3": 0.2}))
+    recipe = ConversionRecipe(keep_softmax=2, softmax_selection="kl")
+    kept, selection = choose_softmax_layers(None, recipe, {}, [0.0] * 4, None, tmp_path, main=True, progress=False)
+    assert kept == [1, 3]
+    assert selection == {"strategy": "kl", "scores": {0: 0.5, 1: 0.1, 2: 0.4, 3: 0.2}}
