@@ -80,8 +80,11 @@ class LinAttnLinearLayer(LinearAttentionCacheLayerMixin):
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         raise NotImplementedError("hf_linattn layers update their cache with LinAttnCache.update_linear")
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        """Start recording. transformers >= 5.25 passes how many past states to keep; the record keeps the
+        per-position states of every token since the last crop, so the count is kept only for its queries."""
         self.record_past = True
+        self.recurrent_states_to_keep = recurrent_states_to_keep
 
     def update(self, *, state: State, conv_inputs: torch.Tensor, record: BlockRecord | None, num_tokens: int) -> None:
         """Store a forward: its final state, its conv inputs [B, C, width + T] and, while recording, its record."""

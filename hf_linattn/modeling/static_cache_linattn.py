@@ -61,7 +61,7 @@ class LinAttnStaticLinearLayer(LinearAttentionCacheLayerMixin):
     def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0, **kwargs) -> torch.Tensor:
         raise NotImplementedError("hf_linattn layers update their cache with update_linear")
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         raise NotImplementedError(
             "the static cache does not roll back: assisted decoding, prompt lookup and lookahead need the default "
             "cache (LinAttnCache)"
