@@ -142,6 +142,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=_positive, default=8, metavar="R", help="LoRA rank")
     p.add_argument("--lora-alpha", type=_positive, default=16, metavar="A", help="LoRA alpha")
     p.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
+    p.add_argument("--train-mixers", action="store_true",
+                   help="stage 2 also trains the linear layers' new pieces (conv, gates) fully (RADLADS)")  # fmt: skip
     p.add_argument("--loss", choices=["ce", "kl", "ce+kl"], default="kl",
                    help="stage-2 loss: next-token CE, KL to the base model, or both")  # fmt: skip
     p.add_argument("--batch-size", type=_positive, default=4, metavar="B",

@@ -1,8 +1,10 @@
 """Stage 2 of linearization: recovery with PEFT LoRA (LoLCATs stage 2, Liger).
 
 LoRA adapters on q/k/v/o (and optionally the MLP) train the whole converted model on
-next-token cross-entropy, on KL to the base model's logits, or on both. The adapter is saved
-on its own and then merged, so the result is a plain LinAttnForCausalLM again.
+next-token cross-entropy, on KL to the base model's logits, or on both. With ``train_mixers``
+the linear layers' own new pieces (short conv, decay / write gates, output gate and norm, the
+parameters stage 1 trained) also train in full, as RADLADS fine-tunes its new mixers. The
+adapter is saved on its own and then merged, so the result is a plain LinAttnForCausalLM again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
 from hf_linattn.modeling import LinAttnForCausalLM
+from hf_linattn.modeling.linear_attention_linattn import LinAttnLinearAttention
 
+from .attention_transfer import new_parameters
 from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps
@@ -51,6 +55,7 @@ def lora_recover(
     rank: int = 8,
     alpha: int = 16,
     include_mlp: bool = False,
+    train_mixers: bool = False,
     adapter_dir: str | Path | None = None,
     progress: bool = True,
     accelerator: Accelerator | None = None,
@@ -60,7 +65,9 @@ def lora_recover(
 
     batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
     accelerate, this process's rows). ``teacher`` is needed for "kl" losses. With ``checkpoint`` the
-    run saves itself as it goes and resumes from the last save. Returns the merged model and the losses.
+    run saves itself as it goes and resumes from the last save. ``train_mixers``: the linear layers' new
+    pieces train too (in full; they live in the merged weights, not in the adapter). Returns the merged
+    model and the losses.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -76,6 +83,11 @@ def lora_recover(
     targets = ATTENTION_TARGETS + (MLP_TARGETS if include_mlp else [])
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
+    if train_mixers:
+        for layer in peft_model.base_model.model.model.layers:
+            if isinstance(layer.self_attn, LinAttnLinearAttention):
+                for p in new_parameters(layer.self_attn):
+                    p.requires_grad_(True)
     params = {name: p for name, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
     proc, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)

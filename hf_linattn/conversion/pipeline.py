@@ -79,6 +79,7 @@ class ConversionRecipe:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_mlp: bool = False
+    train_mixers: bool = False
     loss: str = "kl"
     batch_size: int = 4
     seq_len: int = 512
@@ -354,7 +355,8 @@ def convert(
         student, stage2_losses = lora_recover(
             student, batches, recipe.lora_steps, teacher=base, loss=recipe.loss, lr=recipe.lora_lr,
             rank=recipe.lora_rank, alpha=recipe.lora_alpha, include_mlp=recipe.lora_mlp,
-            adapter_dir=build / "lora_adapter", progress=progress, accelerator=accelerator,
+            train_mixers=recipe.train_mixers, adapter_dir=build / "lora_adapter", progress=progress,
+            accelerator=accelerator,
             checkpoint=StageCheckpoint(work / "stage2.safetensors", recipe.checkpoint_every),
         )  # fmt: skip
     report: dict = {}

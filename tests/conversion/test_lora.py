@@ -64,3 +64,22 @@ def test_a_nan_loss_stops_with_the_last_good_parameters():
              for n, p in model.named_parameters() if "lora_" not in n}  # fmt: skip
     for name, value in before.items():
         assert torch.equal(after[name], value) or torch.isnan(value).any(), name
+
+
+def test_train_mixers_also_trains_the_new_pieces_in_full():
+    """With train_mixers the gates and conv of the linear layers move; without, they stay as stage 1 left them."""
+    batches = [torch.randint(1, 101, (2, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    moved = {}
+    for flag in (False, True):
+        base, model = converted()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        merged, _ = lora_recover(model, batches, steps=3, teacher=base, loss="kl", lr=1e-2, train_mixers=flag,
+                                 progress=False)  # fmt: skip
+        after = dict(merged.named_parameters())
+        layer = "model.layers.0.self_attn."
+        moved[flag] = {n for n in ("a_proj.weight", "b_proj.weight", "conv1d.weight", "A_log", "g_proj.weight")
+                       if not torch.equal(after[layer + n], before[layer + n])}  # fmt: skip
+        assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
+                               before["model.layers.0.self_attn.q_proj.weight"])  # the merged LoRA, either way
+    assert moved[False] == set()
+    assert moved[True] == {"a_proj.weight", "b_proj.weight", "conv1d.weight", "A_log", "g_proj.weight"}
