@@ -99,8 +99,9 @@ def render_model_card(
         for length, acc in passkey.get("accuracy", {}).items()
     ]  # fmt: skip
     if decode:
-        decode = {**decode, "rows": [{**row, "student_cache": _bytes(row["student_cache_bytes"]),
-                                      "teacher_cache": _bytes(row["teacher_cache_bytes"])} for row in decode["rows"]]}  # fmt: skip
+        rows = [{**row, "student_cache": _bytes(row["student_cache_bytes"]),
+                 "teacher_cache": _bytes(row["teacher_cache_bytes"])} for row in decode["rows"]]  # fmt: skip
+        decode = {**decode, "rows": rows}
     plan = zip(report["layer_types"], report["stage1_layer_errors"])
     layers = [{"index": i, "type": t, "error": f"{e:.4f}"} for i, (t, e) in enumerate(plan)]
     custom_eval, data_files = recipe.get("eval_data"), recipe.get("data")

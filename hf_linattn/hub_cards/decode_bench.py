@@ -54,7 +54,7 @@ def _decode(model: Any, ids: Any, new_tokens: int) -> tuple[float, int]:
     run(1)  # warm-up
     prefill, _ = run(1)
     total, out = run(1 + new_tokens)
-    cache = getattr(out, "past_key_values", None)
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")  # transformers >= 5.24 names it cache
     return max(total - prefill, 1e-9) / new_tokens, _tensor_bytes(cache)
 
 

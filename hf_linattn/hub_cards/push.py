@@ -94,7 +94,7 @@ def _remote_state(api: HfApi, repo_id: str, force: bool) -> tuple[bool, list[str
     from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
-        info = api.model_info(repo_id)
+        info = api.model_info(repo_id, revision="main")  # (the revision form is what read-only mirrors serve too)
     except RepositoryNotFoundError:
         return False, []
     files = [s.rfilename for s in info.siblings or []]
