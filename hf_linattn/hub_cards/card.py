@@ -63,8 +63,8 @@ def render_model_card(
     eval_report: dict | None = None,
     decode: dict | None = None,
     plot: str | None = None,
-    license: str | None = "apache-2.0",
-    license_source: str = "the embedded teacher of hf_linattn",
+    license: str | None = None,
+    license_source: str = "the base model's license was not looked up",
 ) -> ModelCard:
     """A ModelCard (YAML metadata + markdown) for a conversion ``report`` as written by ``convert``.
 

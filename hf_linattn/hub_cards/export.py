@@ -131,13 +131,20 @@ def export_repo(
 
 def _write_repo(source: Path, build: Path, *, repo_id: str | None, max_shard_size: int | str, bench: bool) -> None:
     from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from hf_linattn.generation import CUSTOM_GENERATE_DIR
     from hf_linattn.modeling import LinAttnForCausalLM
 
-    model = LinAttnForCausalLM.from_pretrained(source, dtype="auto")
-    model.save_pretrained(build, max_shard_size=max_shard_size)
-    del model
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a re-save of local weights: seconds, not worth a bar
+    try:
+        model = LinAttnForCausalLM.from_pretrained(source, dtype="auto")
+        model.save_pretrained(build, max_shard_size=max_shard_size)
+        del model
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     AutoTokenizer.from_pretrained(source).save_pretrained(build)
     (build / "custom_generate").mkdir()
     shutil.copy2(CUSTOM_GENERATE_DIR / "custom_generate" / "generate.py", build / "custom_generate" / "generate.py")
