@@ -37,6 +37,7 @@ EPILOG = """\
 examples:
   hf-linattn convert --output outputs/rdn-hybrid --mode rdn --keep-softmax 2
   hf-linattn eval outputs/rdn-hybrid
+  hf-linattn export outputs/rdn-hybrid outputs/rdn-hybrid-hub --bench
   hf-linattn push outputs/rdn-hybrid --repo-id me/rdn-hybrid
   hf-linattn bench mqar --output outputs/mqar.json"""
 
@@ -196,12 +197,36 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--report", type=Path, default=None, help="JSON report path (default: MODEL/eval_report.json)")
     ev.set_defaults(handler="evaluate")
 
+    export = sub.add_parser("export", parents=[_common()], formatter_class=HelpFormatter,
+                            help="write a converted checkpoint as a complete Hub model repo folder",
+                            description="Write OUT: sharded safetensors with the index, config with auto_map,\n"
+                            "the remote code, tokenizer, generation config, custom_generate/ (lookahead) and the\n"
+                            "model card.")  # fmt: skip
+    export.add_argument("folder", type=Path, help="converted checkpoint folder (hf-linattn convert's --output)")
+    export.add_argument("output", type=Path, help="folder to write; must be absent or empty (see --overwrite)")
+    export.add_argument("--repo-id", default=None, help="the Hub repo the card's code names (default: OWNER/NAME)")
+    export.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                        help="largest weights file, e.g. 5GB or 500MB; larger weights are sharded")  # fmt: skip
+    export.add_argument("--bench", action="store_true",
+                        help="measure decode speed and cache memory against the teacher for the card (about a minute "
+                        "for the embedded teacher on 2 CPU cores)")  # fmt: skip
+    export.add_argument("--overwrite", action="store_true", help="replace an OUTPUT that is not empty")
+    export.set_defaults(handler="export")
+
     push = sub.add_parser("push", parents=[_common()], formatter_class=HelpFormatter,
-                          help="push a converted checkpoint folder to the Hub")  # fmt: skip
+                          help="export a converted checkpoint and push it to the Hub")  # fmt: skip
     push.add_argument("folder", type=Path, help="converted checkpoint folder")
     push.add_argument("--repo-id", required=True, help="Hub repo to create or update, owner/name")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--token", default=None, help="Hub token (default: the one saved by hf auth login)")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by hf auth login)")
+    push.add_argument("--revision", default=None, metavar="BRANCH", help="branch to commit to (created if needed; "
+                      "default: main)")  # fmt: skip
+    push.add_argument("--commit-message", default="Upload hf_linattn conversion", metavar="TEXT",
+                      help="message of the commit")  # fmt: skip
+    push.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file, e.g. 5GB")
+    push.add_argument("--force", action="store_true",
+                      help="push into a repo that exists with other content (its files are replaced)")  # fmt: skip
+    push.add_argument("--dry-run", action="store_true", help="print the files and sizes that would go; upload nothing")
     push.set_defaults(handler="push")
 
     look = sub.add_parser("push-lookahead", parents=[_common()], formatter_class=HelpFormatter,

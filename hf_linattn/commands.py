@@ -137,15 +137,37 @@ def _generation_lines(report: dict) -> list[str]:
 def _push_folder(folder: Path, repo_id: str, private: bool, token: str | None, args: argparse.Namespace) -> int:
     from hf_linattn.hub_cards import push_to_hub
 
-    with _progress(args):
-        url = push_to_hub(folder, repo_id, private=private, token=token)
-    print(f"pushed             : {url}")
+    with _progress(args, transformers=True):
+        url = push_to_hub(
+            folder, repo_id, private=private, token=token, revision=getattr(args, "revision", None),
+            commit_message=getattr(args, "commit_message", "Upload hf_linattn conversion"),
+            max_shard_size=getattr(args, "max_shard_size", "5GB"), force=getattr(args, "force", False),
+            dry_run=getattr(args, "dry_run", False),
+        )  # fmt: skip
+    if url != "dry run":
+        print(f"pushed             : {url}")
     return 0
 
 
 def push(args: argparse.Namespace) -> int:
-    """``hf-linattn push``: upload a converted folder (card rendered for the repo; nothing local changes before)."""
+    """``hf-linattn push``: export and upload a converted folder (nothing local changes before it succeeded)."""
     return _push_folder(args.folder, args.repo_id, args.private, args.token, args)
+
+
+def export(args: argparse.Namespace) -> int:
+    """``hf-linattn export``: write the converted folder as a complete Hub model repo."""
+    from hf_linattn.hub_cards import export_repo, file_plan
+    from hf_linattn.hub_cards.export import human_size
+
+    with _progress(args, transformers=True):
+        out = export_repo(args.folder, args.output, repo_id=args.repo_id, max_shard_size=args.max_shard_size,
+                          bench=args.bench, overwrite=args.overwrite)  # fmt: skip
+    plan = file_plan(out)
+    shards = [name for name, _ in plan if name.endswith(".safetensors")]
+    print(f"exported           : {out} ({len(plan)} files, {human_size(sum(s for _, s in plan))})")
+    print(f"weights            : {len(shards)} safetensors file(s)")
+    print(f"push               : hf-linattn push {args.folder} --repo-id OWNER/NAME")
+    return 0
 
 
 def push_lookahead(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from hf_linattn import commands
 from hf_linattn.cli import LAYER_TYPES, build_parser, main
 from tests.clitools import ENV, assert_one_line_error, run_cli
 
-COMMANDS = ["convert", "eval", "push", "push-lookahead", "lm-eval-task", "demo", "bench"]
+COMMANDS = ["convert", "eval", "export", "push", "push-lookahead", "lm-eval-task", "demo", "bench"]
 
 # Runs the CLI, then reports which heavy modules it imported
 _PROBE = """

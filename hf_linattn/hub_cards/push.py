@@ -1,13 +1,15 @@
-"""Push a converted checkpoint to the Hub, after checking that it loads with trust_remote_code alone.
+"""Push a converted checkpoint to the Hub as the complete repo ``export_repo`` writes.
 
-Nothing local changes before the upload succeeds: the folder is mirrored (file symlinks) into a
-temporary staging folder, the model card is rendered there for the target repo, and the staging
-folder is uploaded. Only then is the new card written into the local folder.
+The folder is exported into a temporary staging folder (card rendered for the target repo), checked, and
+uploaded with ``HfApi.upload_folder`` as one commit (huggingface_hub's ``create_commit``: large files go
+to LFS first, and the commit lands whole or not at all). Nothing local changes before the upload
+succeeded; then the local README.md becomes the card that was pushed. Refused with one clear error:
+no token; a repo that exists with other content (unless ``force``); a failed Hub call, whose message
+says what was and was not uploaded. ``dry_run`` prints the file plan and sizes and calls nothing.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import shutil
 import tempfile
@@ -18,17 +20,13 @@ from typing import TypeVar
 
 from huggingface_hub import HfApi
 
-from hf_linattn.errors import HubError, InputError, one_line
-from hf_linattn.fileio import atomic_write_text, read_json_state
+from hf_linattn.errors import HubError
+from hf_linattn.fileio import atomic_write_text
 
-# The resumable training state stays local: it is large and means nothing to a user of the model.
-IGNORED = [".conversion/*", "*.tmp", "_remote_io.safetensors"]
-REPORT_NAME = "conversion_report.json"  # written by hf_linattn.conversion (not imported: it loads torch)
+from .export import DEFAULT_MAX_SHARD_SIZE, REPORT_NAME, IncompleteCheckpointError, export_repo, file_plan, human_size
+
 T = TypeVar("T")
-
-
-class IncompleteCheckpointError(InputError, FileNotFoundError):
-    """A folder cannot be pushed: something a trust_remote_code user needs is missing."""
+OUR_TAG = "hf_linattn"  # in the card metadata of every repo we push
 
 
 def check_exportable(folder: str | Path, shown: str | Path | None = None) -> list[str]:
@@ -60,64 +58,102 @@ def check_exportable(folder: str | Path, shown: str | Path | None = None) -> lis
 
 
 @contextmanager
-def staged_copy(folder: Path) -> Iterator[Path]:
-    """A temporary mirror of ``folder`` (real folders, symlinked files, IGNORED left out); removed afterwards."""
+def staged_export(folder: Path, repo_id: str, max_shard_size: int | str) -> Iterator[Path]:
+    """The repo of ``folder`` exported for ``repo_id`` into a temporary folder; removed afterwards."""
     staging = Path(tempfile.mkdtemp(prefix="hf-linattn-push-"))
     try:
-        for path in sorted(folder.rglob("*")):
-            rel = path.relative_to(folder).as_posix()
-            if path.is_dir() or any(fnmatch.fnmatch(rel, pattern) for pattern in IGNORED):
-                continue
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            (staging / rel).symlink_to(path.resolve())
-        yield staging
+        yield export_repo(folder, staging / "repo", repo_id=repo_id, max_shard_size=max_shard_size)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _on_hub(repo_id: str, what: str, call: Callable[[], T]) -> T:
-    """Run a Hub call; any failure (network, auth, offline mode) is one HubError saying nothing local changed."""
+def _on_hub(repo_id: str, what: str, call: Callable[[], T], outcome: str = "nothing local changed") -> T:
+    """Run a Hub call; any failure (network, auth, offline mode) is one HubError that says what it left."""
     try:
         return call()
+    except HubError:
+        raise
     except Exception as err:  # the network boundary: every failure here means the same to the user
+        from hf_linattn.errors import one_line
+
         reason = f"{type(err).__name__}: {one_line(err)}"
-        raise HubError(f"{what} {repo_id} failed ({reason}); nothing local changed") from err
+        raise HubError(f"{what} {repo_id} failed ({reason}); {outcome}") from err
+
+
+def _resolve_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    found = token or get_token()
+    if not found:
+        raise HubError("no Hub token: set HF_TOKEN, run `hf auth login`, or pass --token; nothing was uploaded")
+    return found
+
+
+def _remote_state(api: HfApi, repo_id: str, force: bool) -> tuple[bool, list[str]]:
+    """(the repo exists, its files); refuses a repo whose card is not one of ours unless ``force``."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        info = api.model_info(repo_id, revision="main")  # (the revision form is what read-only mirrors serve too)
+    except RepositoryNotFoundError:
+        return False, []
+    files = [s.rfilename for s in info.siblings or []]
+    tags = (getattr(info.card_data, "tags", None) or []) if info.card_data else []
+    other = [f for f in files if f != ".gitattributes"]
+    if other and OUR_TAG not in tags and not force:
+        shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+        raise HubError(f"{repo_id} exists with other content ({shown}), not an hf_linattn export; pass --force to "
+                       "replace its files, or choose another --repo-id; nothing was uploaded")  # fmt: skip
+    return True, files
 
 
 def push_to_hub(
     folder: str | Path,
     repo_id: str,
+    *,
     private: bool = False,
     token: str | None = None,
+    revision: str | None = None,
     commit_message: str = "Upload hf_linattn conversion",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    dry_run: bool = False,
     api: HfApi | None = None,
+    say: Callable[[str], None] = print,
 ) -> str:
-    """Create ``repo_id`` (if needed) and upload ``folder`` without its training state. Returns the commit URL.
+    """Export ``folder`` for ``repo_id`` and upload it as one commit on ``revision`` (a branch; default main).
 
-    A folder with a conversion report gets its card rendered for ``repo_id``; the local README.md
-    is replaced by that card only once the upload succeeded.
+    Returns the commit URL (under ``dry_run``: "dry run"; ``say`` prints the plan). The local README.md is
+    replaced by the pushed card only after the upload succeeded.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise IncompleteCheckpointError(f"{folder}: no such folder")
-    card = None
-    if (folder / REPORT_NAME).is_file():
-        from .card import render_model_card
-
-        report = read_json_state(folder / REPORT_NAME, "convert the checkpoint again")
-        card = str(render_model_card(report, repo_id))
-    with staged_copy(folder) as staging:
-        if card is not None:
-            (staging / "README.md").unlink(missing_ok=True)
-            (staging / "README.md").write_text(card, encoding="utf-8")
+    if not dry_run and api is None:
+        api = HfApi(token=_resolve_token(token))  # before the export: a missing token fails at once
+    with staged_export(folder, repo_id, max_shard_size) as staging:
         check_exportable(staging, shown=folder)
-        api = api or HfApi(token=token)
-        _on_hub(repo_id, "creating", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+        plan = file_plan(staging)
+        total = sum(size for _, size in plan)
+        if dry_run:
+            say(f"dry run: {len(plan)} files, {human_size(total)} would go to {repo_id}@{revision or 'main'}")
+            for name, size in plan:
+                say(f"  {human_size(size):>10}  {name}")
+            return "dry run"
+        exists, _ = _on_hub(repo_id, "reading", lambda: _remote_state(api, repo_id, force), "nothing was uploaded")
+        if not exists:
+            _on_hub(repo_id, "creating", lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+                    "nothing was uploaded; nothing local changed")  # fmt: skip
+        if revision:
+            _on_hub(repo_id, f"creating branch {revision} of", lambda: api.create_branch(
+                repo_id, branch=revision, exist_ok=True), "nothing was uploaded; nothing local changed")  # fmt: skip
+        left = (f"no commit was made, so none of the {len(plan)} files ({human_size(total)}) is on "
+                f"{repo_id}@{revision or 'main'}" + ("" if exists else f" (the repo {repo_id} was created, empty)")
+                + "; nothing local changed")  # fmt: skip
         info = _on_hub(repo_id, "uploading to", lambda: api.upload_folder(
-            folder_path=str(staging), repo_id=repo_id, repo_type="model", ignore_patterns=IGNORED,
-            commit_message=commit_message,
-        ))  # fmt: skip
-    if card is not None:
+            folder_path=str(staging), repo_id=repo_id, repo_type="model", revision=revision,
+            commit_message=commit_message, delete_patterns=["*"] if exists else None,
+        ), left)  # fmt: skip
+        card = (staging / "README.md").read_text(encoding="utf-8")
+    if (folder / REPORT_NAME).is_file():
         atomic_write_text(folder / "README.md", card)
     return str(getattr(info, "commit_url", info))
 

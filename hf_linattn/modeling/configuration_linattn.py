@@ -3,8 +3,8 @@
 # No `from __future__ import annotations`: the strict dataclass checks field types from the annotations.
 from pathlib import Path
 
-from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.configuration_utils import strict  # huggingface_hub's; the remote code imports only transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from hf_linattn.kernels.modes import MODES

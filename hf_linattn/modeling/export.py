@@ -138,8 +138,11 @@ def split_hub_kwargs(kwargs: dict) -> tuple[dict, dict]:
 def push_folder(folder: str | Path, *, repo_id: str | None = None, token: str | None = None,
                 private: bool | None = None, commit_message: str | None = None, create_pr: bool = False,
                 revision: str | None = None, commit_description: str | None = None) -> None:
-    """Upload a saved folder (remote code included) the way save_pretrained(push_to_hub=True) would."""
-    from huggingface_hub import HfApi
+    """Upload a saved folder (remote code included) the way save_pretrained(push_to_hub=True) would.
+
+    Only called on request; HfApi comes through transformers, so the remote code imports nothing but
+    torch, transformers, the standard library and (optionally) triton."""
+    from transformers.utils.hub import HfApi
 
     api = HfApi(token=token)
     repo_id = repo_id or Path(folder).resolve().name

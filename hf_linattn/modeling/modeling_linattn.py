@@ -267,6 +267,13 @@ class LinAttnForCausalLM(LinAttnPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def adjust_generation_fn(self, *args, **kwargs) -> None:
+        """transformers' from_pretrained hook; a checkpoint's ``custom_generate/`` folder (lookahead decoding) stays
+        opt-in (``generate(custom_generate=repo_id)``) instead of replacing ``generate()`` for every load with
+        trust_remote_code, so sampling and beam search keep working."""
+        super().adjust_generation_fn(*args, **kwargs)
+        self.__dict__.pop("generate", None)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model builds its own LinAttnCache
