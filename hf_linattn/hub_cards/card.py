@@ -120,6 +120,7 @@ def render_model_card(
         kept=", ".join(map(str, kept)),
         kept_count=len(kept),
         explicit=recipe["keep_softmax_layers"] is not None,
+        selection=recipe.get("softmax_selection", "error"),  # absent from reports written before it existed
         layers=layers,
         plot=plot,
         recipe=recipe,

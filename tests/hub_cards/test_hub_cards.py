@@ -80,6 +80,15 @@ def test_card_metadata_and_figures():
     assert "line exact match" not in str(old) and "| perplexity |" in str(old)
 
 
+@pytest.mark.parametrize(("selection", "says"), [("even", "evenly\nspaced"), ("kl", "chosen by KL to the teacher")])
+def test_card_says_how_the_softmax_layers_were_chosen(selection, says):
+    recipe = {**REPORT["recipe"], "softmax_selection": selection, "train_mixers": True}
+    text = str(render_model_card({**REPORT, "recipe": recipe}))
+    assert says in text and f"--softmax-selection {selection}" in text and "highest error keep" not in text
+    assert "the linear layers' new pieces trained in full" in text
+    assert "trained in full" not in str(render_model_card(REPORT))
+
+
 def test_card_round_trips_through_model_card_load(tmp_path):
     """ModelCard.load parses the card; model-index gives back the same EvalResults, and the metadata is what we set."""
     from huggingface_hub import ModelCard
