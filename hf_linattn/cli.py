@@ -79,13 +79,20 @@ def _positive_float(text: str) -> float:
 _count, _positive = _int_at_least(0), _int_at_least(1)
 
 
-def _layer_types(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in LAYER_TYPES]
-    if bad or not names:
-        expected = ", ".join(LAYER_TYPES)
-        raise argparse.ArgumentTypeError(f"unknown layer type(s) {bad}; expected a comma list of {expected}")
-    return names
+def _comma_choices(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: a non-empty comma list of ``choices`` (``what`` names them in the error)."""
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in names if t not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad}; expected a comma list of {', '.join(choices)}")
+        return names
+
+    return parse
+
+
+_layer_types = _comma_choices(LAYER_TYPES, "layer type(s)")
 
 
 def _indices(text: str) -> list[int]:
@@ -268,21 +275,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _mixers(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in BENCH_MIXERS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown mixer(s) {bad}; expected a comma list of {', '.join(BENCH_MIXERS)}")
-    return names
-
-
-def _ablation_groups(text: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in names if t not in ABLATION_GROUPS]
-    if bad or not names:
-        choices = ", ".join(ABLATION_GROUPS)
-        raise argparse.ArgumentTypeError(f"unknown group(s) {bad}; expected a comma list of {choices}")
-    return names
+_mixers = _comma_choices(BENCH_MIXERS, "mixer(s)")
+_ablation_groups = _comma_choices(ABLATION_GROUPS, "group(s)")
 
 
 def add_mqar_options(p: argparse.ArgumentParser, threads: bool = True) -> None:

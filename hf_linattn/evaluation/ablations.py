@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from hf_linattn.errors import InputError
-from hf_linattn.evaluation.mqar import require_matplotlib
+from hf_linattn.evaluation.plots import pyplot, require_matplotlib, save_figure
 
 # group -> row label -> recipe fields that differ from the reference (``None`` softmax counts are "1 in 4")
 GROUPS: dict[str, dict[str, dict[str, Any]]] = {
@@ -140,11 +140,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot_ablations(report: dict[str, Any], path: str | Path) -> Path:
     """One panel per group: the perplexity ratio of each row (bars), greedy agreement as a marker."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups = report["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 3.2), squeeze=False)
@@ -161,12 +157,7 @@ def plot_ablations(report: dict[str, Any], path: str | Path) -> Path:
         agree.tick_params(labelsize=7)
     axes[0][0].set_ylabel("held-out ppl / teacher (bars)")
     fig.text(0.995, 0.5, "greedy agreement (dots)", rotation=90, va="center", ha="right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.98, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, rect=(0, 0, 0.98, 1))
 
 
 def run_and_report(

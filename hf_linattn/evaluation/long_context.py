@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from hf_linattn.evaluation.mqar import require_matplotlib
+from hf_linattn.evaluation.plots import pyplot, require_matplotlib, save_figure
 
 
 @torch.no_grad()
@@ -91,11 +91,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot_long_context(report: dict[str, Any], path: str | Path) -> Path:
     """Two panels vs context length: tail perplexity (log scale) and passkey accuracy, one line per model."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths = report["lengths"]
     fig, (ppl, key) = plt.subplots(1, 2, figsize=(8, 3.2))
@@ -111,12 +107,7 @@ def plot_long_context(report: dict[str, Any], path: str | Path) -> Path:
     ppl.set_yscale("log")
     key.set_ylim(-0.02, 1.02)
     key.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_and_report(

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_linattn.errors import InputError
+from hf_linattn.evaluation.plots import pyplot, require_matplotlib, save_figure
 from hf_linattn.kernels.modes import MODES
 from hf_linattn.modeling import LinAttnConfig, LinAttnForCausalLM
 
@@ -289,21 +290,9 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def require_matplotlib() -> None:
-    """Raise InputError naming the extra to install when matplotlib is missing (checked before training)."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise InputError("the MQAR plot needs matplotlib: pip install 'hf-linattn[bench]' (or pip install matplotlib)")
-
-
 def plot_mqar(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Accuracy vs pairs, one panel per model dim, one line per mixer with a ±std band; a small PNG."""
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     dims = sorted({r["dim"] for r in rows})
     mixers = list(dict.fromkeys(r["mixer"] for r in rows))
@@ -323,12 +312,7 @@ def plot_mqar(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def mqar_settings_from_args(args: Any) -> MqarSettings:
