@@ -37,7 +37,12 @@ COMMANDS = {
     "hf-linattn --help": [HF_LINATTN, "--help"],
     "hf-linattn convert --help": [HF_LINATTN, "convert", "--help"],
     "argument error: hf-linattn convert --keep-softmax -1": [
-        HF_LINATTN, "convert", "--keep-softmax", "-1", "--output", "x"
+        HF_LINATTN,
+        "convert",
+        "--keep-softmax",
+        "-1",
+        "--output",
+        "x",
     ],
     REFERENCE: [sys.executable, "-c", "import hf_linattn.modeling"],
 }

@@ -21,8 +21,10 @@ SOFTMAX_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
 # hf_linattn.conversion.selection.SELECTIONS (loads torch); a test keeps them equal
 SELECTIONS = ("error", "even", "kl")
+# hf_linattn.conversion.transfer.GATE_INITS (loads torch); a test keeps them equal
+GATE_INITS = ("random", "keys")
 # groups of `hf-linattn bench ablations` (hf_linattn.evaluation.ablations.GROUPS, which loads torch; a test keeps them)
-ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss")
+ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates")
 # mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
 BENCH_MIXERS = (*MODES, "full_attention")
 
@@ -115,9 +117,31 @@ def _common(progress: bool = True) -> argparse.ArgumentParser:
     return parent
 
 
+def _budget(steps: int) -> argparse.ArgumentParser:
+    """The training and evaluation budget of one conversion (convert, and every row of bench ablations)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("training and evaluation budget")
+    group.add_argument("--attention-transfer-steps", type=_count, default=steps, metavar="N", help="stage-1 steps")
+    group.add_argument("--lora-steps", type=_count, default=steps, metavar="N", help="stage-2 (LoRA) steps")
+    group.add_argument("--selection-steps", type=_count, default=20, metavar="N",
+                       help="LoRA steps per candidate layer of --softmax-selection kl")  # fmt: skip
+    group.add_argument("--batch-size", type=_positive, default=4, metavar="B",
+                       help="sequences per step, split over processes")  # fmt: skip
+    group.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
+    group.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
+    group.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
+                       help="tokenize at most N training tokens")  # fmt: skip
+    group.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
+    group.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
+                       help="held-out prompts for greedy agreement with the base")  # fmt: skip
+    group.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
+                       help="held-out code lines completed greedily to a newline (exact match); 0 skips")  # fmt: skip
+    return parent
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", parents=[_common()], formatter_class=HelpFormatter,
+        "convert", parents=[_common(), _budget(steps=100)], formatter_class=HelpFormatter,
         help="linearize a Llama / Qwen2 / Qwen3 checkpoint (default: the embedded teacher)",
         description="Linearize a checkpoint: attention transfer (stage 1), softmax layers kept by their stage-1\n"
         "error, LoRA recovery (stage 2), evaluation and model card. The output is built in OUTPUT.partial/\n"
@@ -140,39 +164,26 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--softmax-selection", choices=SELECTIONS, default="error",
                    help="how --keep-softmax chooses: highest stage-1 error (free), evenly spaced, or KL-guided "
                    "(one short LoRA run per layer, ranked by KL to the base)")  # fmt: skip
-    p.add_argument("--selection-steps", type=_count, default=20, metavar="N",
-                   help="LoRA steps per candidate layer of --softmax-selection kl")  # fmt: skip
-    p.add_argument("--attention-transfer-steps", type=_count, default=100, metavar="N", help="stage-1 steps")
     p.add_argument("--attention-transfer-lr", type=_positive_float, default=1e-2, metavar="LR",
                    help="stage-1 learning rate")  # fmt: skip
-    p.add_argument("--lora-steps", type=_count, default=100, metavar="N", help="stage-2 (LoRA) steps")
     p.add_argument("--lora-lr", type=_positive_float, default=1e-3, metavar="LR", help="stage-2 learning rate")
     p.add_argument("--lora-rank", type=_positive, default=8, metavar="R", help="LoRA rank")
     p.add_argument("--lora-alpha", type=_positive, default=16, metavar="A", help="LoRA alpha")
     p.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")
+    p.add_argument("--gate-init", choices=GATE_INITS, default="random",
+                   help="decay-gate inputs: random, or the base's key projection pooled per head (Liger)")  # fmt: skip
     p.add_argument("--train-mixers", action="store_true",
                    help="stage 2 also trains the linear layers' new pieces (conv, gates) fully (RADLADS)")  # fmt: skip
     p.add_argument("--loss", choices=["ce", "kl", "ce+kl"], default="kl",
                    help="stage-2 loss: next-token CE, KL to the base model, or both")  # fmt: skip
-    p.add_argument("--batch-size", type=_positive, default=4, metavar="B",
-                   help="sequences per step, split over processes")  # fmt: skip
-    p.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
     p.add_argument("--linear-rotary", action=argparse.BooleanOptionalAction, default=False,
                    help="rotary embeddings on q/k in the linear layers (default: off)")  # fmt: skip
     p.add_argument("--residual-clip", type=_positive_float, default=1.0, metavar="C",
                    help="clip bound of the residual error in rla and rdn")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of initialization and batch order")
     p.add_argument("--data", type=Path, nargs="*", default=[], metavar="PATH",
                    help="training text files or folders (default: the Python standard library source)")  # fmt: skip
-    p.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
-                   help="tokenize at most N training tokens")  # fmt: skip
     p.add_argument("--eval-data", type=Path, nargs="*", default=[], metavar="PATH",
                    help="held-out text files or folders (default: the embedded heldout.txt)")  # fmt: skip
-    p.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
-    p.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
-                   help="held-out prompts for greedy agreement with the base")  # fmt: skip
-    p.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
-                   help="held-out code lines completed greedily until a newline (exact match); 0: skip")  # fmt: skip
     p.add_argument("--checkpoint-every", type=_positive, default=25, metavar="N",
                    help="save the resumable training state every N steps")  # fmt: skip
     p.add_argument("--tokenizer", default=None, metavar="PATH_OR_ID",
@@ -320,7 +331,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                       help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
     mqar.set_defaults(handler="bench_mqar")
 
-    abl = kinds.add_parser("ablations", parents=[_common()], formatter_class=HelpFormatter,
+    abl = kinds.add_parser("ablations", parents=[_common(), _budget(steps=200)], formatter_class=HelpFormatter,
                            help="conversion ablations at equal budget: mode, softmax layers, selection, clip, "
                            "rotary, loss",
                            description="Converts one base (default: the embedded teacher) once per ablation row\n"
@@ -330,18 +341,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     abl.add_argument("--groups", type=_ablation_groups, default=",".join(ABLATION_GROUPS), metavar="G,G,...",
                      help=f"groups to run, of {', '.join(ABLATION_GROUPS)}")  # fmt: skip
     abl.add_argument("--base", default="embedded-teacher", help="checkpoint folder, Hub id or embedded-teacher")
-    abl.add_argument("--attention-transfer-steps", type=_count, default=200, metavar="N", help="stage-1 steps per row")
-    abl.add_argument("--lora-steps", type=_count, default=200, metavar="N", help="stage-2 steps per row")
-    abl.add_argument("--selection-steps", type=_count, default=20, metavar="N",
-                     help="LoRA steps per candidate layer of the KL-guided row")  # fmt: skip
-    abl.add_argument("--batch-size", type=_positive, default=4, metavar="B", help="sequences per step")
-    abl.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per training sequence")
-    abl.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
-    abl.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
-                     help="tokenize at most N training tokens")  # fmt: skip
-    abl.add_argument("--agreement-prompts", type=_count, default=8, metavar="N", help="greedy-agreement prompts")
-    abl.add_argument("--completion-prompts", type=_count, default=64, metavar="N", help="line-completion prompts")
-    abl.add_argument("--seed", type=int, default=0, help="seed of every row")
     abl.add_argument("--output", type=Path, default=Path("ablations.json"), metavar="PATH",
                      help="JSON report; the plot goes beside it with the suffix .png")  # fmt: skip
     abl.set_defaults(handler="bench_ablations")

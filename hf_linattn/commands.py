@@ -53,7 +53,7 @@ def convert(args: argparse.Namespace) -> int:
         selection_steps=args.selection_steps, attention_transfer_steps=args.attention_transfer_steps,
         attention_transfer_lr=args.attention_transfer_lr, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_mlp=args.lora_mlp,
-        train_mixers=args.train_mixers, loss=args.loss,
+        train_mixers=args.train_mixers, gate_init=args.gate_init, loss=args.loss,
         batch_size=args.batch_size, seq_len=args.seq_len, linear_use_rotary=args.linear_rotary,
         residual_clip=args.residual_clip, seed=args.seed, data=[str(p) for p in args.data],
         max_train_tokens=args.max_train_tokens, eval_data=[str(p) for p in args.eval_data],
@@ -223,8 +223,10 @@ def bench_mqar(args: argparse.Namespace) -> int:
     with _progress(args, transformers=True) as progress:
         report, png = run_and_report(mqar_settings_from_args(args), json_path=args.output, progress=progress,
                                      threads=args.threads, workers=args.workers)  # fmt: skip
-    print(f"wall time          : {report['wall_seconds']:.0f} s ({report['workers']} worker(s), "
-          f"{report['torch_threads_per_worker']} torch thread(s) each)")
+    print(
+        f"wall time          : {report['wall_seconds']:.0f} s ({report['workers']} worker(s), "
+        f"{report['torch_threads_per_worker']} torch thread(s) each)"
+    )
     print(f"report             : {args.output}")
     print(f"plot               : {png}")
     return 0

@@ -15,11 +15,14 @@ comparable across retrainings. Weights are committed once; re-running rewrites t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from hf_linattn.conversion.checkpoint import StageCheckpoint
 from hf_linattn.conversion.evaluate import perplexity, unigram_perplexity
 
 from .corpus import DOCUMENT_SEPARATOR, corpus_sha256, heldout_documents, stdlib_root, training_documents
@@ -83,12 +87,16 @@ def train_lm(
     teacher: LlamaForCausalLM | None = None,
     eval_tokens: torch.Tensor | None = None,
     eval_every: int = 0,
-) -> tuple[list[float], list[list[float]]]:
+    checkpoint: StageCheckpoint | None = None,
+) -> tuple[list[float], list[list[float]], float]:
     """AdamW with linear warmup and cosine decay on random ``seq_len`` windows of ``tokens`` [N].
 
     With ``teacher`` the loss is KL(teacher || model) on the same windows (distillation), else
     next-token cross-entropy. Every ``eval_every`` steps (and at the end) the held-out perplexity on
-    ``eval_tokens`` is recorded. Returns the per-step losses and the ``[step, perplexity]`` curve.
+    ``eval_tokens`` is recorded. With ``checkpoint`` the run saves its whole state every
+    ``checkpoint.every`` steps (safetensors, plus the curve in a JSON sidecar) and a rerun resumes it
+    exactly: the batch sampler and the schedule are replayed to the saved step. Returns the per-step
+    losses, the ``[step, perplexity]`` curve and the training seconds over all resumed segments.
     """
     gen = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -100,12 +108,23 @@ def train_lm(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))),
     )
+    params = dict(model.named_parameters())
+    start, losses = checkpoint.restore(params, optimizer) if checkpoint else (0, [])
+    sidecar = checkpoint.path.with_suffix(".json") if checkpoint else None
+    saved = json.loads(sidecar.read_text()) if start and sidecar.is_file() else {}
+    curve: list[list[float]] = [c for c in saved.get("curve", []) if c[0] <= start]
+    seconds = saved.get("seconds", 0.0) if start else 0.0
+    with warnings.catch_warnings():  # replaying the schedule warns that no optimizer step came first
+        warnings.simplefilter("ignore")
+        for _ in range(start):
+            torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=gen)
+            schedule.step()
     model.train()
-    losses: list[float] = []
-    curve: list[list[float]] = []
-    bar = tqdm(range(steps), desc=desc)
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
     for step in bar:
-        if eval_tokens is not None and eval_every and step % eval_every == 0 and step:
+        due = eval_tokens is not None and eval_every and step and step % eval_every == 0
+        if due and (not curve or curve[-1][0] < step):  # a resumed run may have this point already
             curve.append([step, round(perplexity(model, eval_tokens, seq_len), 3)])
             model.train()
             bar.set_description(f"{desc} (held-out ppl {curve[-1][1]:.2f})")
@@ -126,10 +145,16 @@ def train_lm(
         schedule.step()
         losses.append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if checkpoint and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+            checkpoint.save(step + 1, params, optimizer, losses)
+            elapsed = seconds + time.time() - t0
+            tmp = sidecar.with_name(sidecar.name + ".tmp")
+            tmp.write_text(json.dumps({"step": step + 1, "curve": curve, "seconds": round(elapsed, 1)}))
+            os.replace(tmp, sidecar)
     model.eval()
-    if eval_tokens is not None:
+    if eval_tokens is not None and not (curve and curve[-1][0] == steps):
         curve.append([steps, round(perplexity(model, eval_tokens, seq_len), 3)])
-    return losses, curve
+    return losses, curve, round(seconds + time.time() - t0, 1)
 
 
 @torch.no_grad()
@@ -165,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--eval-every", type=int, default=300, help="held-out curve interval (on 16K tokens)")
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="resumable training state (default: OUTPUT/.train_state); rerun to resume")  # fmt: skip
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="save the training state every N steps")
     parser.add_argument("--new-tokenizer", action="store_true", help="train a new tokenizer even if OUTPUT has one")
     parser.add_argument("--models", nargs="+", choices=["teacher", "draft"], default=["teacher", "draft"],
                         help="retrain only some; the others' record entries are kept")  # fmt: skip
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     out = args.output
+    state_dir = args.state_dir or out / ".train_state"
     start = time.time()
 
     train_docs = list(training_documents())
@@ -197,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             "heldout_files": [rel for rel, _ in held_docs], "heldout_bytes": len(heldout_text.encode()),
             "heldout_sha256": corpus_sha256(held_docs), "heldout_tokens": held_tokens.numel(),
         },
-        "hyperparameters": {k: v for k, v in vars(args).items() if k != "output"}
+        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("output", "state_dir", "checkpoint_every")}
         | {"teacher_shape": TEACHER, "draft_shape": DRAFT, "baseline_shape": BASELINE,
            "optimizer": "AdamW(0.9, 0.95), wd 0.1, clip 1.0", "draft_loss": "KL to the teacher",
            "schedule": f"linear warmup {args.warmup} steps, cosine to 10%"},
@@ -219,14 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         elif name not in args.models and not (name.startswith("baseline") and steps):
             continue
         model = build(tokenizer, shape, args.seq_len)
-        t0 = time.time()
-        losses, curve = train_lm(
+        # one state file per model and schedule: changing any of them starts afresh instead of resuming
+        setup = json.dumps([shape, steps, lr, args.warmup, args.batch_size, args.seq_len, args.seed])
+        key = hashlib.sha256(setup.encode()).hexdigest()[:10]
+        checkpoint = StageCheckpoint(state_dir / f"{name}-{key}.safetensors", args.checkpoint_every)
+        losses, curve, seconds = train_lm(
             model, train_tokens, steps, args.batch_size, args.seq_len, lr, args.warmup, args.seed, name,
             teacher=teacher if name == "draft" else None, eval_tokens=curve_tokens, eval_every=args.eval_every,
+            checkpoint=checkpoint,
         )  # fmt: skip
         entry = {
             "parameters": sum(p.numel() for p in model.parameters()),
-            "train_seconds": round(time.time() - t0, 1),
+            "train_seconds": seconds,
             "train_tokens_seen": steps * args.batch_size * args.seq_len,
             "hyperparameters": dict(steps=steps, lr=lr, warmup=args.warmup, batch_size=args.batch_size,
                                     seq_len=args.seq_len, seed=args.seed, shape=shape),

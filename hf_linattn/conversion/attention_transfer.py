@@ -42,6 +42,7 @@ def capture_attention_io(
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for i in layers:
+
         def hook(module, args, kwargs, output, i=i):
             hidden = args[0] if args else kwargs["hidden_states"]
             captured[i] = (hidden.detach(), output[0].detach())
@@ -55,9 +56,7 @@ def capture_attention_io(
     return captured
 
 
-def layer_errors(
-    base: PreTrainedModel, model: LinAttnForCausalLM, input_ids: torch.Tensor
-) -> dict[int, float]:
+def layer_errors(base: PreTrainedModel, model: LinAttnForCausalLM, input_ids: torch.Tensor) -> dict[int, float]:
     """Relative MSE ||student - teacher||^2 / ||teacher||^2 of every linear layer's attention output."""
     linear = _linear_layers(model)
     captured = capture_attention_io(base, input_ids, linear)

@@ -72,7 +72,7 @@ def completion_prompts(
             quotes += line.count('"""') + line.count("'''")
             in_docstring = opened or quotes % 2 or '"""' in line or "'''" in line
             if i >= MIN_CONTEXT_LINES and not in_docstring and _split_line(f"\n{lines[i - 1]}\n", line) is not None:
-                    candidates.append((doc_index, i))
+                candidates.append((doc_index, i))
     if n_prompts > len(candidates):
         raise EvalInputError(f"--completion-prompts {n_prompts}: the held-out text has only {len(candidates)} "
                              "usable code lines; ask for fewer or pass more --eval-data")  # fmt: skip

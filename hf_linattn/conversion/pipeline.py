@@ -48,7 +48,7 @@ from .selection import (
     select_by_score,
     select_softmax_layers,
 )
-from .transfer import linearize
+from .transfer import GATE_INITS, init_gates_from_keys, linearize
 
 EMBEDDED_TEACHER = "embedded-teacher"
 
@@ -80,6 +80,7 @@ class ConversionRecipe:
     lora_alpha: int = 16
     lora_mlp: bool = False
     train_mixers: bool = False
+    gate_init: str = "random"
     loss: str = "kl"
     batch_size: int = 4
     seq_len: int = 512
@@ -100,6 +101,8 @@ class ConversionRecipe:
             raise RecipeError(f"--mode {self.mode!r}: expected one of {', '.join(LINEAR_LAYER_TYPES)}")
         if self.loss not in LOSSES:
             raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.gate_init not in GATE_INITS:
+            raise RecipeError(f"--gate-init {self.gate_init!r}: expected one of {', '.join(GATE_INITS)}")
         if self.softmax_selection not in SELECTIONS:
             choices = ", ".join(SELECTIONS)
             raise RecipeError(f"--softmax-selection {self.softmax_selection!r}: expected one of {choices}")
@@ -208,7 +211,10 @@ def run_stage1(
             return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["errors"]), json.loads(meta["losses"])  # noqa: SIM118
     n = base.config.num_hidden_layers
     torch.manual_seed(recipe.seed)
-    model = linearize(base, [recipe.mode] * n, **_config_overrides(recipe)).to(accelerator.device)
+    model = linearize(base, [recipe.mode] * n, **_config_overrides(recipe))
+    if recipe.gate_init == "keys":
+        init_gates_from_keys(model)
+    model = model.to(accelerator.device)
     batches = [batch_for_step(train, s, recipe.batch_size, recipe.seq_len, recipe.seed)
                for s in range(recipe.attention_transfer_steps)]  # fmt: skip
     losses = []

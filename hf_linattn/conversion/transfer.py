@@ -4,7 +4,8 @@ The first step of linearization: the target config mirrors the base backbone exa
 backbone weight is copied, and each attention layer either stays softmax (its weights copied as
 they are) or becomes a linear-attention layer that reuses the base q/k/v/o projections (and
 Qwen3's q/k norms). The linear layers' new pieces (short conv, gates) keep their own init:
-the conv starts as the identity.
+the conv starts as the identity. ``init_gates_from_keys`` optionally starts the decay gates from
+the base's key projection instead (Liger).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from hf_linattn.errors import InputError
 from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnConfig, LinAttnForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# how the decay gates' input projection starts: the model's own random init, or pooled from the keys (Liger)
+GATE_INITS = ("random", "keys")
 
 
 class UnsupportedBaseModelError(InputError, ValueError):
@@ -112,6 +115,30 @@ def transfer_weights(base: PreTrainedModel, target: LinAttnForCausalLM) -> list[
                 raise ValueError(f"{name}: base shape {tuple(tensor.shape)} != converted shape {tuple(param.shape)}")
             param.copy_(tensor.to(param.dtype))
     return sorted(name for name in target_params if name not in base_state)
+
+
+@torch.no_grad()
+def init_gates_from_keys(model: LinAttnForCausalLM) -> int:
+    """Start every linear layer's decay-gate input from its key projection, as Liger builds gates (no new weights).
+
+    The gate pre-activation of head h becomes the mean of its key head's pre-norm keys: row h of
+    ``a_proj`` [H, hidden] is the mean of that key head's ``key_dim`` rows of ``k_proj``, and a key
+    bias (Qwen2) moves into ``dt_bias``. The decay rates ``A_log`` keep their spread. Returns the
+    number of layers changed.
+    """
+    changed = 0
+    for layer, kind in zip(model.model.layers, model.config.mixer_types):
+        if kind not in LINEAR_LAYER_TYPES:
+            continue
+        attn = layer.self_attn
+        heads, kv_heads, key_dim = attn.num_heads, attn.num_kv_heads, attn.key_dim
+        kv_of_head = torch.arange(heads) // (heads // kv_heads)
+        pooled = attn.k_proj.weight.view(kv_heads, key_dim, -1).mean(1)  # [kv_heads, hidden]
+        attn.a_proj.weight.copy_(pooled[kv_of_head].to(attn.a_proj.weight.dtype))
+        if attn.k_proj.bias is not None:
+            attn.dt_bias.add_(attn.k_proj.bias.view(kv_heads, key_dim).mean(1)[kv_of_head].to(attn.dt_bias.dtype))
+        changed += 1
+    return changed
 
 
 def linearize(base: PreTrainedModel, layer_types: list[str], **config_overrides) -> LinAttnForCausalLM:

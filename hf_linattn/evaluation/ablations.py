@@ -8,7 +8,8 @@ error, residual clip 1, no rotary in the linear layers, KL loss) and keeps the o
 - ``selection``: kept layers by stage-1 error vs evenly spaced vs KL-guided (one short LoRA run per layer);
 - ``clip``: residual clip 0.5 / 1 / 2;
 - ``rotary``: rotary on q/k in the linear layers off / on;
-- ``loss``: stage-2 KL vs CE.
+- ``loss``: stage-2 KL vs CE;
+- ``gates``: decay gates from their random init vs pooled from the teacher's keys (Liger).
 
 Every row is one ``convert`` into ``runs/<row>`` beside the JSON report, so an interrupted sweep
 resumes (finished rows are read back, unfinished ones resume from their last save), and a row
@@ -37,6 +38,7 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "clip": {"0.5": {"residual_clip": 0.5}, "1": {}, "2": {"residual_clip": 2.0}},
     "rotary": {"off": {}, "on": {"linear_use_rotary": True}},
     "loss": {"KL": {}, "CE": {"loss": "ce"}},
+    "gates": {"random": {}, "from keys": {"gate_init": "keys"}},
 }
 REFERENCE: dict[str, Any] = {"mode": "rdn", "keep_softmax": "quarter", "softmax_selection": "error"}
 
@@ -77,6 +79,8 @@ def slug(fields: dict[str, Any]) -> str:
         parts.append(fields["softmax_selection"])
     parts += [f"clip{fields.get('residual_clip', 1.0):g}", "rope" if fields.get("linear_use_rotary") else "norope",
               fields.get("loss", "kl")]  # fmt: skip
+    if fields.get("gate_init", "random") != "random":
+        parts.append(f"gates-{fields['gate_init']}")
     return re.sub(r"[^A-Za-z0-9.+-]", "_", "-".join(parts))
 
 
@@ -181,4 +185,3 @@ def run_and_report(
 
 
 __all__ = ["GROUPS", "REFERENCE", "format_table", "plot_ablations", "row_recipes", "run_ablations", "run_and_report"]
-

@@ -85,9 +85,7 @@ def _require_triton(mode: str, capability: str) -> None:
         )
 
 
-def resolve_backend(
-    backend: str, *, mode: str, device: torch.device, dtype: torch.dtype = torch.float32
-) -> str:
+def resolve_backend(backend: str, *, mode: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The concrete backend ("recurrent" | "torch" | "triton") of the chunked op for ``backend`` on ``device``.
 
     "auto" is "triton" only on CUDA devices when the Triton kernels import and their chunked kernel

@@ -135,9 +135,17 @@ def split_hub_kwargs(kwargs: dict) -> tuple[dict, dict]:
     return {k: v for k, v in kwargs.items() if k not in hub}, hub
 
 
-def push_folder(folder: str | Path, *, repo_id: str | None = None, token: str | None = None,
-                private: bool | None = None, commit_message: str | None = None, create_pr: bool = False,
-                revision: str | None = None, commit_description: str | None = None) -> None:
+def push_folder(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    revision: str | None = None,
+    commit_description: str | None = None,
+) -> None:
     """Upload a saved folder (remote code included) the way save_pretrained(push_to_hub=True) would.
 
     Only called on request; HfApi comes through transformers, so the remote code imports nothing but

@@ -204,9 +204,7 @@ class LinAttnModel(LinAttnPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = use_cache if use_cache is not None else (config.use_cache and not self.training)

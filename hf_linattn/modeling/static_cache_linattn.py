@@ -111,7 +111,6 @@ class LinAttnStaticLinearLayer(LinearAttentionCacheLayerMixin):
         return 0
 
 
-
 class LinAttnStaticCache(_LinAttnCacheBase):
     """Static-shape cache for compiled decoding (``generate(..., cache_implementation="static")``): preallocated
     keys/values (transformers' static layers, ``max_cache_len`` positions) and in-place linear states."""

@@ -24,5 +24,3 @@ def convert_cli(output: Path, *extra: str) -> dict:
 def converted(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("converted")
     return out, convert_cli(out, "--keep-softmax", "2")
-
-

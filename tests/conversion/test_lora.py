@@ -79,7 +79,8 @@ def test_train_mixers_also_trains_the_new_pieces_in_full():
         layer = "model.layers.0.self_attn."
         moved[flag] = {n for n in ("a_proj.weight", "b_proj.weight", "conv1d.weight", "A_log", "g_proj.weight")
                        if not torch.equal(after[layer + n], before[layer + n])}  # fmt: skip
-        assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
-                               before["model.layers.0.self_attn.q_proj.weight"])  # the merged LoRA, either way
+        assert not torch.equal(
+            after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+        )  # the merged LoRA, either way
     assert moved[False] == set()
     assert moved[True] == {"a_proj.weight", "b_proj.weight", "conv1d.weight", "A_log", "g_proj.weight"}

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from hf_linattn.cli import GATE_INITS as CLI_GATE_INITS
 from hf_linattn.cli import SELECTIONS as CLI_SELECTIONS
 from hf_linattn.conversion import hybrid_layer_types, select_softmax_layers
 from hf_linattn.conversion.pipeline import ConversionRecipe, choose_softmax_layers
 from hf_linattn.conversion.selection import SELECTIONS, evenly_spaced_layers, select_by_score
+from hf_linattn.conversion.transfer import GATE_INITS
 
 from .conftest import convert_cli
 from .test_transfer import qwen2
@@ -48,8 +50,9 @@ def test_lowest_kl_scores_are_kept():
     assert select_by_score(scores, 3) == [1, 2, 3]
 
 
-def test_selection_names_match_the_cli():
+def test_selection_and_gate_init_names_match_the_cli():
     assert tuple(SELECTIONS) == tuple(CLI_SELECTIONS)
+    assert tuple(GATE_INITS) == tuple(CLI_GATE_INITS)
 
 
 def test_kl_guided_conversion_keeps_the_lowest_kl_layers_and_resumes_them(tmp_path):
@@ -65,11 +68,15 @@ def test_kl_guided_conversion_keeps_the_lowest_kl_layers_and_resumes_them(tmp_pa
     assert report["recipe"]["softmax_selection"] == "kl" and report["recipe"]["selection_steps"] == 2
 
 
-def test_even_selection_through_the_cli(tmp_path):
-    report = convert_cli(tmp_path / "even", "--keep-softmax", "2", "--softmax-selection", "even", "--lora-steps", "1")
+def test_even_selection_and_gates_from_keys_through_the_cli(tmp_path):
+    out = tmp_path / "even"
+    report = convert_cli(out, "--keep-softmax", "2", "--softmax-selection", "even", "--lora-steps", "1",
+                         "--gate-init", "keys")  # fmt: skip
     assert report["kept_softmax_layers"] == [2, 6]
     assert report["softmax_selection"] == {"strategy": "even"}
     assert report["layer_types"][2] == report["layer_types"][6] == "full_attention"
+    assert report["recipe"]["gate_init"] == "keys"
+    assert "decay gates started from the teacher's keys" in (out / "README.md").read_text()
 
 
 def test_a_resumed_run_reuses_the_saved_kl_scores(tmp_path):

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from hf_linattn.conversion import UnsupportedBaseModelError, linear_config_from_base, linearize
+from hf_linattn.conversion.transfer import init_gates_from_keys
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)  # fmt: skip
@@ -73,6 +74,27 @@ def test_linear_layers_reuse_the_base_projections(name):
     assert torch.equal(conv[..., -1], torch.ones_like(conv[..., -1])) and not conv[..., :-1].any()
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(1, 101, (1, 70))).logits).all()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])  # llama here has a key bias; qwen3 a head_dim of its own
+def test_gates_from_keys_pool_each_heads_keys(name):
+    """Liger's gates: head h's gate pre-activation is the mean of its key head's keys (bias included)."""
+    base = randomize(BASES[name]())
+    model = linearize(base, ["rdn", "gdn", "full_attention", "full_attention"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert init_gates_from_keys(model) == 2
+    x = torch.randn(5, 64)
+    for attn in (model.model.layers[0].self_attn, model.model.layers[1].self_attn):
+        heads, kv_heads, d = attn.num_heads, attn.num_kv_heads, attn.key_dim
+        keys = attn.k_proj(x).view(5, kv_heads, d).mean(-1)  # [5, kv_heads]
+        expected = keys.repeat_interleave(heads // kv_heads, dim=1)
+        prefix = f"model.layers.{attn.layer_idx}.self_attn."
+        with torch.no_grad():
+            got = attn.a_proj(x) + attn.dt_bias - before[prefix + "dt_bias"]
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    pieces = ("a_proj.weight", "dt_bias") if name == "llama" else ("a_proj.weight",)  # a key bias moves to dt_bias
+    assert changed == {f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in pieces}
 
 
 def test_unsupported_architecture_names_the_supported_ones():

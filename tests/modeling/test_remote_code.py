@@ -66,9 +66,20 @@ def test_checkpoint_loads_without_the_package(tmp_path):
     assert config["auto_map"]["AutoConfig"] == "configuration_linattn.LinAttnConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_linattn.LinAttnModel"
     code_files = sorted(p.name for p in checkpoint.glob("*.py"))
-    expected = {"modeling_linattn.py", "configuration_linattn.py", "cache_linattn.py", "layers_linattn.py",
-                "linear_attention_linattn.py", "ops.py", "chunked.py", "recurrent.py", "decode.py", "modes.py",
-                "triton_ops.py", "triton_block.py"}
+    expected = {
+        "modeling_linattn.py",
+        "configuration_linattn.py",
+        "cache_linattn.py",
+        "layers_linattn.py",
+        "linear_attention_linattn.py",
+        "ops.py",
+        "chunked.py",
+        "recurrent.py",
+        "decode.py",
+        "modes.py",
+        "triton_ops.py",
+        "triton_block.py",
+    }
     assert expected <= set(code_files)
     for name in code_files:  # what transformers checks and copies: no triton outside try blocks, no missing file
         assert "triton" not in get_imports(checkpoint / name), name
