@@ -62,7 +62,8 @@ def main() -> int:
         recipe = ConversionRecipe(
             attention_transfer_steps=args.attention_transfer_steps, lora_steps=args.lora_steps,
             batch_size=args.batch_size, seq_len=args.seq_len, eval_tokens=args.eval_tokens, seed=args.seed,
-            agreement_prompts=2 if args.quick else 8, max_train_tokens=100_000 if args.quick else 4_000_000, **spec,
+            agreement_prompts=2 if args.quick else 8, max_train_tokens=100_000 if args.quick else 4_000_000,
+            **({"completion_prompts": 4} if args.quick else {}), **spec,
         )  # fmt: skip
         start = time.time()
         # restart: a measurement converts from scratch, also over an earlier run of the same recipe

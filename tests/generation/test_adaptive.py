@@ -160,10 +160,39 @@ def test_adaptive_with_a_plain_llama_target_and_the_schedule_on_the_draft():
     assert stats.rounds > 0 and draft_length_policy(target, draft).history[:2] == [4, 1]
 
 
-def test_high_acceptance_and_a_cheap_draft_draft_long():
-    # a plain Llama target: its verify forward costs nearly the same for 1 or 12 tokens (hf_linattn's own verify
-    # cost is the cache's business); the draft is a sixth of the target
+class VirtualClock:
+    """Stands in for the ``time`` module of hf_linattn.generation.adaptive: each forward of a costed model
+    advances it by a fixed cost, so a policy decision tested on it does not depend on the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def thread_time(self) -> float:
+        return self.now
+
+    perf_counter = thread_time
+
+    def cost(self, monkeypatch, model, per_call: float, per_token: float) -> None:
+        forward = model.forward
+
+        def timed(*args, **kwargs):
+            ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
+            self.now += per_call + per_token * ids.shape[-1]
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", timed)
+
+
+def test_high_acceptance_and_a_cheap_draft_draft_long(monkeypatch):
+    import hf_linattn.generation.adaptive as adaptive_module
+
+    # the draft is the target's function at a sixth of its cost per forward, and the target's verify forward
+    # costs nearly the same for 1 or 12 tokens: drafting as long as allowed (12) is the cheapest per token
     target, draft = padded_pair(llama, 1, copies=6, seed=3)
+    clock = VirtualClock()
+    monkeypatch.setattr(adaptive_module, "time", clock)
+    clock.cost(monkeypatch, target, per_call=6.0, per_token=0.05)
+    clock.cost(monkeypatch, draft, per_call=1.0, per_token=0.01)
     draft.generation_config.num_assistant_tokens = 12
     ids = prompt(1, 8, seed=73)
     out, stats = adaptive(target, ids, draft, schedule="adaptive", max_new_tokens=120)
