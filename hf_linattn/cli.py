@@ -24,7 +24,7 @@ SELECTIONS = ("error", "even", "kl")
 # hf_linattn.conversion.transfer.GATE_INITS (loads torch); a test keeps them equal
 GATE_INITS = ("random", "keys")
 # groups of `hf-linattn bench ablations` (hf_linattn.evaluation.ablations.GROUPS, which loads torch; a test keeps them)
-ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates")
+ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates", "stage2", "lora_lr")
 # mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
 BENCH_MIXERS = (*MODES, "full_attention")
 
@@ -333,7 +333,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     abl = kinds.add_parser("ablations", parents=[_common(), _budget(steps=200)], formatter_class=HelpFormatter,
                            help="conversion ablations at equal budget: mode, softmax layers, selection, clip, "
-                           "rotary, loss",
+                           "rotary, loss, gates, stage-2 targets and learning rate",
                            description="Converts one base (default: the embedded teacher) once per ablation row\n"
                            "at the same budget and reports the held-out perplexity ratio, greedy agreement and\n"
                            "line exact match. Conversions go to OUTPUT_STEM_runs/ beside the report; a rerun\n"

@@ -9,7 +9,9 @@ error, residual clip 1, no rotary in the linear layers, KL loss) and keeps the o
 - ``clip``: residual clip 0.5 / 1 / 2;
 - ``rotary``: rotary on q/k in the linear layers off / on;
 - ``loss``: stage-2 KL vs CE;
-- ``gates``: decay gates from their random init vs pooled from the teacher's keys (Liger).
+- ``gates``: decay gates from their random init vs pooled from the teacher's keys (Liger);
+- ``stage2``: what stage 2 trains: LoRA on q/k/v/o, plus LoRA on the MLP, plus the new mixer pieces in full;
+- ``lora_lr``: stage-2 learning rate 1e-3 vs 2e-3.
 
 Every row is one ``convert`` into ``runs/<row>`` beside the JSON report, so an interrupted sweep
 resumes (finished rows are read back, unfinished ones resume from their last save), and a row
@@ -39,6 +41,8 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "rotary": {"off": {}, "on": {"linear_use_rotary": True}},
     "loss": {"KL": {}, "CE": {"loss": "ce"}},
     "gates": {"random": {}, "from keys": {"gate_init": "keys"}},
+    "stage2": {"LoRA q/k/v/o": {}, "+ MLP LoRA": {"lora_mlp": True}, "+ mixers in full": {"train_mixers": True}},
+    "lora_lr": {"1e-3": {}, "2e-3": {"lora_lr": 2e-3}},
 }
 REFERENCE: dict[str, Any] = {"mode": "rdn", "keep_softmax": "quarter", "softmax_selection": "error"}
 
@@ -81,6 +85,9 @@ def slug(fields: dict[str, Any]) -> str:
               fields.get("loss", "kl")]  # fmt: skip
     if fields.get("gate_init", "random") != "random":
         parts.append(f"gates-{fields['gate_init']}")
+    parts += ["mlp"] * bool(fields.get("lora_mlp")) + ["mixers"] * bool(fields.get("train_mixers"))
+    if fields.get("lora_lr", 1e-3) != 1e-3:
+        parts.append(f"lr{fields['lora_lr']:g}")
     return re.sub(r"[^A-Za-z0-9.+-]", "_", "-".join(parts))
 
 

@@ -28,12 +28,12 @@ def test_rows_shared_by_groups_convert_once_and_every_row_changes_one_thing():
     reference = table["clip"]["1"]
     # the reference row is the same conversion in five groups
     assert reference == table["rotary"]["off"] == table["loss"]["KL"] == table["selection"]["stage-1 error"]
-    assert reference == table["gates"]["random"]
+    assert reference == table["gates"]["random"] == table["stage2"]["LoRA q/k/v/o"] == table["lora_lr"]["1e-3"]
     assert reference == table["softmax"]["1 in 4"]
     # mode: 4 pure stacks; softmax: pure rdn is the mode group's rdn row, 1 in 8 is new
     assert table["softmax"]["pure"] == table["mode"]["rdn"]
-    # mode, 1 in 8, reference, selection, clip, rotary, loss, gates
-    assert len(rows) == 4 + 1 + 1 + 2 + 2 + 1 + 1 + 1
+    # mode, 1 in 8, reference, selection, clip, rotary, loss, gates, stage2, lora_lr
+    assert len(rows) == 4 + 1 + 1 + 2 + 2 + 1 + 1 + 1 + 2 + 1
     ref = rows[reference]
     assert ref["keep_softmax"] == 2 and ref["mode"] == "rdn" and ref["lora_steps"] == 2
     for group, labels in table.items():
@@ -43,6 +43,8 @@ def test_rows_shared_by_groups_convert_once_and_every_row_changes_one_thing():
     assert rows[table["softmax"]["1 in 8"]]["keep_softmax"] == 1
     assert rows[table["selection"]["KL-guided"]]["softmax_selection"] == "kl"
     assert rows[table["gates"]["from keys"]]["gate_init"] == "keys"
+    assert rows[table["stage2"]["+ mixers in full"]]["train_mixers"] and rows[table["stage2"]["+ MLP LoRA"]]["lora_mlp"]
+    assert rows[table["lora_lr"]["2e-3"]]["lora_lr"] == 2e-3
     ConversionRecipe(**rows[table["selection"]["KL-guided"]]).check()
     with pytest.raises(InputError, match="unknown ablation group"):
         row_recipes(["modes"], num_layers=8, budget=BUDGET)
