@@ -7,7 +7,10 @@ plain greedy.
 
 from __future__ import annotations
 
+import pytest
 import torch
+import transformers
+from packaging.version import Version
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -26,6 +29,13 @@ def other_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
+# transformers 5.25.0 counts the draft cache's rollback in target tokens (AssistedCandidateGeneratorDifferentTokenizers
+# sets _last_ids_length from the target's ids, _update_past_and_masks compares it with the draft's), so the draft is
+# asked to prefill 0 tokens and every draft model crashes, a plain Llama included. Strict: a fixed release fails here.
+UPSTREAM_BUG = Version(transformers.__version__) == Version("5.25.0")
+
+
+@pytest.mark.xfail(UPSTREAM_BUG, reason="transformers 5.25.0: universal assisted decoding crashes", strict=True)
 def test_a_linattn_draft_with_another_tokenizer_gives_plain_greedy(monkeypatch):
     from hf_linattn.modeling.cache_linattn import LinAttnLinearLayer
 
