@@ -132,7 +132,7 @@ def _budget(steps: int) -> argparse.ArgumentParser:
     group.add_argument("--max-train-tokens", type=_positive, default=4_000_000, metavar="N",
                        help="tokenize at most N training tokens")  # fmt: skip
     group.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
-    group.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
+    group.add_argument("--agreement-prompts", type=_positive, default=8, metavar="N",
                        help="held-out prompts for greedy agreement with the base")  # fmt: skip
     group.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
                        help="held-out code lines completed greedily to a newline (exact match); 0 skips")  # fmt: skip
@@ -204,7 +204,7 @@ def _add_others(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--eval-tokens", type=_positive, default=65536, metavar="N", help="held-out tokens to evaluate")
     ev.add_argument("--seq-len", type=_positive, default=512, metavar="T", help="tokens per evaluation window")
     ev.add_argument("--batch-size", type=_positive, default=4, metavar="B", help="windows per forward pass")
-    ev.add_argument("--agreement-prompts", type=_count, default=8, metavar="N",
+    ev.add_argument("--agreement-prompts", type=_positive, default=8, metavar="N",
                     help="held-out prompts for greedy agreement with the teacher")  # fmt: skip
     ev.add_argument("--completion-prompts", type=_count, default=64, metavar="N",
                     help="held-out code lines to complete greedily until a newline (exact match); 0: skip")  # fmt: skip

@@ -83,6 +83,16 @@ def test_negative_keep_softmax_names_the_flag(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["convert", "eval"])
+def test_zero_agreement_prompts_is_refused_before_any_work(command, tmp_path):
+    # greedy agreement over no prompts is 0/0: refused by the parser, not a ZeroDivisionError after training
+    args = ["--output", "out"] if command == "convert" else ["model"]
+    result = run_cli(command, *args, "--agreement-prompts", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("argument --agreement-prompts: must be >= 1, got 0")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("base", ["nope-folder", "./nope", "../nope/model"])
 def test_missing_local_base_is_a_missing_folder_not_a_hub_id(base, tmp_path):
     result = run_cli("convert", base, "--output", "out", cwd=tmp_path)

@@ -74,6 +74,9 @@ def greedy_agreement(
     Returns the fraction of generated positions where the tokens agree, and the mean length of
     the agreeing prefix (what speculative decoding would accept).
     """
+    if prompts.shape[0] == 0 or max_new_tokens <= 0:
+        raise ValueError(f"greedy agreement needs at least one prompt and one new token, got {tuple(prompts.shape)} "
+                         f"prompts and max_new_tokens={max_new_tokens}")  # fmt: skip
     same, prefix = 0, 0
     for row in tqdm(prompts, desc="greedy agreement", disable=not progress):
         ids = row[None]

@@ -108,11 +108,12 @@ class ConversionRecipe:
             raise RecipeError(f"--softmax-selection {self.softmax_selection!r}: expected one of {choices}")
         if self.keep_softmax and self.keep_softmax_layers is not None:
             raise RecipeError("give --keep-softmax N or --keep-softmax-layers i,j, not both")
-        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "agreement_prompts",
-                     "completion_prompts", "selection_steps"):  # fmt: skip
+        for name in ("attention_transfer_steps", "lora_steps", "keep_softmax", "completion_prompts",
+                     "selection_steps"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise RecipeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens", "max_train_tokens", "lora_rank"):
+        for name in ("batch_size", "seq_len", "checkpoint_every", "eval_tokens", "max_train_tokens", "lora_rank",
+                     "agreement_prompts"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise RecipeError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.eval_tokens < self.seq_len:
