@@ -23,8 +23,10 @@ LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
 SELECTIONS = ("error", "even", "kl")
 # hf_linattn.conversion.transfer.GATE_INITS (loads torch); a test keeps them equal
 GATE_INITS = ("random", "keys")
+# hf_linattn.conversion.training.LR_SCHEDULES (loads torch); a test keeps them equal
+LR_SCHEDULES = ("constant", "cosine")
 # groups of `hf-linattn bench ablations` (hf_linattn.evaluation.ablations.GROUPS, which loads torch; a test keeps them)
-ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates", "stage2", "lora_lr")
+ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates", "stage2", "lr", "schedule")
 # mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
 BENCH_MIXERS = (*MODES, "full_attention")
 
@@ -164,9 +166,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--softmax-selection", choices=SELECTIONS, default="error",
                    help="how --keep-softmax chooses: highest stage-1 error (free), evenly spaced, or KL-guided "
                    "(one short LoRA run per layer, ranked by KL to the base)")  # fmt: skip
-    p.add_argument("--attention-transfer-lr", type=_positive_float, default=1e-2, metavar="LR",
-                   help="stage-1 learning rate")  # fmt: skip
-    p.add_argument("--lora-lr", type=_positive_float, default=1e-3, metavar="LR", help="stage-2 learning rate")
+    p.add_argument("--attention-transfer-lr", type=_positive_float, default=3e-1, metavar="LR",
+                   help="stage-1 peak learning rate")  # fmt: skip
+    p.add_argument("--lora-lr", type=_positive_float, default=1e-2, metavar="LR", help="stage-2 peak learning rate")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                   help="both stages: constant, or 5%% linear warmup then cosine to 10%% of the peak")  # fmt: skip
     p.add_argument("--lora-rank", type=_positive, default=8, metavar="R", help="LoRA rank")
     p.add_argument("--lora-alpha", type=_positive, default=16, metavar="A", help="LoRA alpha")
     p.add_argument("--lora-mlp", action="store_true", help="also put LoRA on the MLP projections")

@@ -12,9 +12,13 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hf_linattn.errors import HubError
 from hf_linattn.fileio import atomic_write_json, read_json_state
+
+if TYPE_CHECKING:  # the pipeline loads torch; the parser must not
+    from hf_linattn.conversion.pipeline import ConversionRecipe
 
 
 @contextlib.contextmanager
@@ -42,17 +46,16 @@ def _progress(args: argparse.Namespace, transformers: bool = False) -> Iterator[
             undo()
 
 
-def convert(args: argparse.Namespace) -> int:
-    """``hf-linattn convert``: run or resume a conversion, print its summary, push it if asked."""
-    from hf_linattn.conversion.pipeline import REPORT_NAME, ConversionRecipe
-    from hf_linattn.conversion.pipeline import convert as run_conversion
+def recipe_from_args(args: argparse.Namespace) -> ConversionRecipe:
+    """The ConversionRecipe of parsed ``convert`` arguments (their defaults are the recipe's; a test checks)."""
+    from hf_linattn.conversion.pipeline import ConversionRecipe
 
-    recipe = ConversionRecipe(
+    return ConversionRecipe(
         base=args.base, tokenizer=args.tokenizer, mode=args.mode, keep_softmax=args.keep_softmax,
         keep_softmax_layers=args.keep_softmax_layers, softmax_selection=args.softmax_selection,
         selection_steps=args.selection_steps, attention_transfer_steps=args.attention_transfer_steps,
         attention_transfer_lr=args.attention_transfer_lr, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_mlp=args.lora_mlp,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_mlp=args.lora_mlp, lr_schedule=args.lr_schedule,
         train_mixers=args.train_mixers, gate_init=args.gate_init, loss=args.loss,
         batch_size=args.batch_size, seq_len=args.seq_len, linear_use_rotary=args.linear_rotary,
         residual_clip=args.residual_clip, seed=args.seed, data=[str(p) for p in args.data],
@@ -60,6 +63,14 @@ def convert(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens, agreement_prompts=args.agreement_prompts,
         completion_prompts=args.completion_prompts, checkpoint_every=args.checkpoint_every,
     )  # fmt: skip
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``hf-linattn convert``: run or resume a conversion, print its summary, push it if asked."""
+    from hf_linattn.conversion.pipeline import REPORT_NAME
+    from hf_linattn.conversion.pipeline import convert as run_conversion
+
+    recipe = recipe_from_args(args)
     with _progress(args, transformers=True) as progress:
         report = run_conversion(args.output, recipe, restart=args.restart, overwrite=args.overwrite,
                                 progress=progress)  # fmt: skip

@@ -63,9 +63,17 @@ def test_every_option_has_help_and_defaults_are_shown():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
     convert_help = _subparsers(build_parser())["convert"].format_help()
-    for shown in ("(default: 100)", "(default: 4000000)", "(default: rdn)", "(default: 0.01)", "(default: 25)",
-                  "(default: embedded-teacher)", "(default: kl)"):  # fmt: skip
+    for shown in ("(default: 100)", "(default: 4000000)", "(default: rdn)", "(default: 0.3)", "(default: cosine)",
+                  "(default: 25)", "(default: embedded-teacher)", "(default: kl)"):  # fmt: skip
         assert shown in " ".join(convert_help.split()), shown
+
+
+def test_convert_defaults_are_the_recipe_defaults():
+    # one source per fact: a default changed in ConversionRecipe but not in the parser (or back) fails here
+    from hf_linattn.commands import recipe_from_args
+    from hf_linattn.conversion.pipeline import ConversionRecipe
+
+    assert recipe_from_args(build_parser().parse_args(["convert", "--output", "out"])) == ConversionRecipe()
 
 
 def test_layer_type_names_match_the_models():

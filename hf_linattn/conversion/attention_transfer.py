@@ -102,12 +102,14 @@ def attention_transfer(
     progress: bool = True,
     accelerator: Accelerator | None = None,
     checkpoint: StageCheckpoint | None = None,
+    schedule: str = "constant",
 ) -> list[float]:
     """Train the new pieces of every linear layer of ``model`` to match ``base``'s attention outputs.
 
     batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
     accelerate, this process's rows of it). With ``checkpoint``, the run saves itself as it goes and
-    resumes from the last save. Returns the summed per-layer relative MSE of every step.
+    resumes from the last save. ``lr`` is the peak of ``schedule`` (``training.LR_SCHEDULES``). Returns the
+    summed per-layer relative MSE of every step.
     """
     linear = _linear_layers(model)
     if not linear:
@@ -136,7 +138,8 @@ def attention_transfer(
         return objective(captured, _position_embeddings(model, input_ids))
 
     stage = "attention transfer"
-    history = run_steps(loss_for_step, params, optimizer, steps, stage, checkpoint, accelerator, progress)
+    history = run_steps(loss_for_step, params, optimizer, steps, stage, checkpoint=checkpoint, accelerator=accelerator,
+                        progress=progress, schedule=schedule)  # fmt: skip
     model.eval()
     return history
 

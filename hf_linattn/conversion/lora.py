@@ -60,14 +60,15 @@ def lora_recover(
     progress: bool = True,
     accelerator: Accelerator | None = None,
     checkpoint: StageCheckpoint | None = None,
+    schedule: str = "constant",
 ) -> tuple[LinAttnForCausalLM, list[float]]:
     """Train LoRA adapters on ``model``, save them to ``adapter_dir`` (if given), merge them.
 
     batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
     accelerate, this process's rows). ``teacher`` is needed for "kl" losses. With ``checkpoint`` the
     run saves itself as it goes and resumes from the last save. ``train_mixers``: the linear layers' new
-    pieces train too (in full; they live in the merged weights, not in the adapter). Returns the merged
-    model and the losses.
+    pieces train too (in full; they live in the merged weights, not in the adapter). ``lr`` is the peak of
+    ``schedule`` (``training.LR_SCHEDULES``). Returns the merged model and the losses.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -105,8 +106,8 @@ def lora_recover(
         logits = trained(input_ids=input_ids, use_cache=False).logits
         return recovery_loss(logits, input_ids, teacher_logits, loss)
 
-    history = run_steps(loss_for_step, params, optimizer, steps, f"LoRA recovery ({loss})", checkpoint, accelerator,
-                        progress)  # fmt: skip
+    history = run_steps(loss_for_step, params, optimizer, steps, f"LoRA recovery ({loss})", checkpoint=checkpoint,
+                        accelerator=accelerator, progress=progress, schedule=schedule)  # fmt: skip
     peft_model.eval()
     if adapter_dir is not None and (accelerator is None or accelerator.is_main_process):
         peft_model.save_pretrained(str(adapter_dir))

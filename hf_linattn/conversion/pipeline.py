@@ -48,6 +48,7 @@ from .selection import (
     select_by_score,
     select_softmax_layers,
 )
+from .training import LR_SCHEDULES
 from .transfer import GATE_INITS, init_gates_from_keys, linearize
 
 EMBEDDED_TEACHER = "embedded-teacher"
@@ -73,11 +74,12 @@ class ConversionRecipe:
     softmax_selection: str = "error"
     selection_steps: int = 20
     attention_transfer_steps: int = 100
-    attention_transfer_lr: float = 1e-2
+    attention_transfer_lr: float = 3e-1  # peaks of lr_schedule: measured best (docs/benchmarks.md, section 13)
     lora_steps: int = 100
-    lora_lr: float = 1e-3
+    lora_lr: float = 1e-2
     lora_rank: int = 8
     lora_alpha: int = 16
+    lr_schedule: str = "cosine"
     lora_mlp: bool = False
     train_mixers: bool = False
     gate_init: str = "random"
@@ -101,6 +103,8 @@ class ConversionRecipe:
             raise RecipeError(f"--mode {self.mode!r}: expected one of {', '.join(LINEAR_LAYER_TYPES)}")
         if self.loss not in LOSSES:
             raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RecipeError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if self.gate_init not in GATE_INITS:
             raise RecipeError(f"--gate-init {self.gate_init!r}: expected one of {', '.join(GATE_INITS)}")
         if self.softmax_selection not in SELECTIONS:
@@ -222,7 +226,7 @@ def run_stage1(
     if batches:
         checkpoint = StageCheckpoint(work / "stage1.safetensors", recipe.checkpoint_every)
         losses = attention_transfer(base, model, batches, recipe.attention_transfer_steps, recipe.attention_transfer_lr,
-                                    progress, accelerator, checkpoint)  # fmt: skip
+                                    progress, accelerator, checkpoint, schedule=recipe.lr_schedule)  # fmt: skip
     probe = windows(held, recipe.seq_len)[: max(1, recipe.batch_size)].to(accelerator.device)
     errors = layer_errors(base, model, probe)
     per_layer = [round(errors[i], 6) for i in range(n)]
@@ -365,6 +369,7 @@ def convert(
             train_mixers=recipe.train_mixers, adapter_dir=build / "lora_adapter", progress=progress,
             accelerator=accelerator,
             checkpoint=StageCheckpoint(work / "stage2.safetensors", recipe.checkpoint_every),
+            schedule=recipe.lr_schedule,
         )  # fmt: skip
     report: dict = {}
     if main:

@@ -11,7 +11,8 @@ error, residual clip 1, no rotary in the linear layers, KL loss) and keeps the o
 - ``loss``: stage-2 KL vs CE;
 - ``gates``: decay gates from their random init vs pooled from the teacher's keys (Liger);
 - ``stage2``: what stage 2 trains: LoRA on q/k/v/o, plus LoRA on the MLP, plus the new mixer pieces in full;
-- ``lora_lr``: stage-2 learning rate 1e-3 vs 2e-3.
+- ``lr``: the default peak learning rates (stage 1 / stage 2) vs LoLCATs-like 1e-2 / 1e-3;
+- ``schedule``: both stages' learning rate cosine-decayed (the default) vs constant.
 
 Every row is one ``convert`` into ``runs/<row>`` beside the JSON report, so an interrupted sweep
 resumes (finished rows are read back, unfinished ones resume from their last save), and a row
@@ -29,8 +30,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from hf_linattn.conversion.pipeline import ConversionRecipe
 from hf_linattn.errors import InputError
 from hf_linattn.evaluation.plots import pyplot, require_matplotlib, save_figure
+
+_DEFAULT = ConversionRecipe()
 
 # group -> row label -> recipe fields that differ from the reference (``None`` softmax counts are "1 in 4")
 GROUPS: dict[str, dict[str, dict[str, Any]]] = {
@@ -42,7 +46,11 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "loss": {"KL": {}, "CE": {"loss": "ce"}},
     "gates": {"random": {}, "from keys": {"gate_init": "keys"}},
     "stage2": {"LoRA q/k/v/o": {}, "+ MLP LoRA": {"lora_mlp": True}, "+ mixers in full": {"train_mixers": True}},
-    "lora_lr": {"1e-3": {}, "2e-3": {"lora_lr": 2e-3}},
+    "lr": {
+        f"{_DEFAULT.attention_transfer_lr:g} / {_DEFAULT.lora_lr:g}": {},
+        "1e-2 / 1e-3": {"attention_transfer_lr": 1e-2, "lora_lr": 1e-3},
+    },
+    "schedule": {_DEFAULT.lr_schedule: {}, "constant": {"lr_schedule": "constant"}},
 }
 REFERENCE: dict[str, Any] = {"mode": "rdn", "keep_softmax": "quarter", "softmax_selection": "error"}
 
@@ -86,8 +94,9 @@ def slug(fields: dict[str, Any]) -> str:
     if fields.get("gate_init", "random") != "random":
         parts.append(f"gates-{fields['gate_init']}")
     parts += ["mlp"] * bool(fields.get("lora_mlp")) + ["mixers"] * bool(fields.get("train_mixers"))
-    if fields.get("lora_lr", 1e-3) != 1e-3:
-        parts.append(f"lr{fields['lora_lr']:g}")
+    for name, short in (("attention_transfer_lr", "atlr"), ("lora_lr", "lr"), ("lr_schedule", "")):
+        if fields.get(name, getattr(_DEFAULT, name)) != getattr(_DEFAULT, name):
+            parts.append(f"{short}{fields[name]:g}" if short else fields[name])
     return re.sub(r"[^A-Za-z0-9.+-]", "_", "-".join(parts))
 
 
@@ -101,7 +110,7 @@ def run_ablations(
     """Convert every distinct row of ``groups`` into ``runs_dir/<slug>`` (resuming), return the report dict."""
     from transformers import AutoConfig
 
-    from hf_linattn.conversion.pipeline import ConversionRecipe, convert, resolve_base
+    from hf_linattn.conversion.pipeline import convert, resolve_base
 
     base = budget.get("base", ConversionRecipe.base)
     num_layers = AutoConfig.from_pretrained(resolve_base(base)).num_hidden_layers
