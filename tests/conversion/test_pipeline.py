@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -87,7 +88,9 @@ def _interrupted_run(out: Path, kill_when: str) -> None:
     """Start a conversion in a subprocess and kill -9 it once ``kill_when`` holds a mid-stage state."""
     cmd = [sys.executable, "-m", "hf_linattn.cli", "convert", "--output", str(out), "--mode", "rdn",
            "--keep-softmax", "2", *TINY, "--attention-transfer-steps", "12", "--lora-steps", "12"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # the resumed half runs in this process: the same thread count keeps float reductions in the same order
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     state = out.with_name(out.name + ".partial") / ".conversion" / kill_when
     deadline = time.time() + 300
     try:
