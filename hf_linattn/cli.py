@@ -23,10 +23,24 @@ LAYER_TYPES = (*MODES, *SOFTMAX_LAYER_TYPES)
 SELECTIONS = ("error", "even", "kl")
 # hf_linattn.conversion.transfer.GATE_INITS (loads torch); a test keeps them equal
 GATE_INITS = ("random", "keys")
+# hf_linattn.conversion.attention_transfer.ATTENTION_TRANSFER_PARAMS (loads torch); a test keeps them equal
+ATTENTION_TRANSFER_PARAMS = ("new", "qk", "all")
 # hf_linattn.conversion.training.LR_SCHEDULES (loads torch); a test keeps them equal
 LR_SCHEDULES = ("constant", "cosine")
 # groups of `hf-linattn bench ablations` (hf_linattn.evaluation.ablations.GROUPS, which loads torch; a test keeps them)
-ABLATION_GROUPS = ("mode", "softmax", "selection", "clip", "rotary", "loss", "gates", "stage2", "lr", "schedule")
+ABLATION_GROUPS = (
+    "mode",
+    "softmax",
+    "selection",
+    "clip",
+    "rotary",
+    "loss",
+    "gates",
+    "stage1",
+    "stage2",
+    "lr",
+    "schedule",
+)
 # mixers of `hf-linattn bench mqar` (hf_linattn.evaluation.mqar.MIXERS, which loads torch; a test keeps them equal)
 BENCH_MIXERS = (*MODES, "full_attention")
 
@@ -143,7 +157,7 @@ def _budget(steps: int) -> argparse.ArgumentParser:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "convert", parents=[_common(), _budget(steps=100)], formatter_class=HelpFormatter,
+        "convert", parents=[_common(), _budget(steps=200)], formatter_class=HelpFormatter,
         help="linearize a Llama / Qwen2 / Qwen3 checkpoint (default: the embedded teacher)",
         description="Linearize a checkpoint: attention transfer (stage 1), softmax layers kept by their stage-1\n"
         "error, LoRA recovery (stage 2), evaluation and model card. The output is built in OUTPUT.partial/\n"
@@ -168,6 +182,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    "(one short LoRA run per layer, ranked by KL to the base)")  # fmt: skip
     p.add_argument("--attention-transfer-lr", type=_positive_float, default=3e-1, metavar="LR",
                    help="stage-1 peak learning rate")  # fmt: skip
+    p.add_argument("--attention-transfer-params", choices=ATTENTION_TRANSFER_PARAMS, default="all",
+                   help="what stage 1 trains: the linear layers' new pieces (new), also q/k (qk), or also every "
+                   "attention weight (all, as RADLADS)")  # fmt: skip
+    p.add_argument("--attention-transfer-weights-lr", type=_positive_float, default=3e-3, metavar="LR",
+                   help="stage-1 peak learning rate of the copied q/k/v/o weights that --attention-transfer-params "
+                   "trains")  # fmt: skip
     p.add_argument("--lora-lr", type=_positive_float, default=1e-2, metavar="LR", help="stage-2 peak learning rate")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="both stages: constant, or 5%% linear warmup then cosine to 10%% of the peak")  # fmt: skip

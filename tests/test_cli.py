@@ -63,8 +63,9 @@ def test_every_option_has_help_and_defaults_are_shown():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
     convert_help = _subparsers(build_parser())["convert"].format_help()
-    for shown in ("(default: 100)", "(default: 4000000)", "(default: rdn)", "(default: 0.3)", "(default: cosine)",
-                  "(default: 25)", "(default: embedded-teacher)", "(default: kl)"):  # fmt: skip
+    for shown in ("(default: 200)", "(default: 4000000)", "(default: rdn)", "(default: 0.3)", "(default: cosine)",
+                  "(default: 25)", "(default: embedded-teacher)", "(default: kl)", "(default: all)",
+                  "(default: 0.003)"):  # fmt: skip
         assert shown in " ".join(convert_help.split()), shown
 
 

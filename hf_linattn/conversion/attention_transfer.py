@@ -2,10 +2,11 @@
 
 Every linear layer learns to reproduce its base layer's softmax-attention output on the same
 input hidden states, independently of the other layers (teacher forcing: inputs come from the
-base model, so layers train in parallel). Only the new pieces of a linear layer train (short
-conv, decay / write gates, output gate and norm); the q/k/v/o projections and q/k norms copied
-from the base stay frozen. The per-layer error measured here is also what hybrid selection
-ranks layers by.
+base model, so layers train in parallel). The new pieces of a linear layer train (short conv,
+decay / write gates, output gate and norm); the q/k/v/o projections and q/k norms copied from the
+base stay frozen (LoLCATs) or train too at a lower rate (``train``: "qk", or "all" as RADLADS),
+which the conversion does by default (docs/benchmarks.md, section 13). The per-layer error
+measured here is also what hybrid selection ranks layers by.
 """
 
 from __future__ import annotations
@@ -25,13 +26,29 @@ from .checkpoint import StageCheckpoint
 from .data import shard
 from .training import run_steps
 
-# Parameters of a linear layer that come from the base model and stay frozen in stage 1.
+# Parameters of a linear layer that come from the base model.
 TRANSFERRED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+# Which of them stage 1 trains beside the new pieces: none (LoLCATs), the query/key side, which plays the part of
+# a learned feature map, or every attention weight (RADLADS step 1).
+ATTENTION_TRANSFER_PARAMS = {"new": (), "qk": ("q_proj", "k_proj", "q_norm", "k_norm"), "all": TRANSFERRED}
 
 
 def new_parameters(layer: LinAttnLinearAttention) -> list[nn.Parameter]:
     """The parameters of a linear layer that the base model did not provide."""
     return [p for name, p in layer.named_parameters() if name.split(".")[0] not in TRANSFERRED]
+
+
+def stage1_parameters(layer: LinAttnLinearAttention, train: str = "new") -> dict[str, nn.Parameter]:
+    """A linear layer's parameters that stage 1 trains: the new pieces and ``ATTENTION_TRANSFER_PARAMS[train]``."""
+    if train not in ATTENTION_TRANSFER_PARAMS:
+        choices = tuple(ATTENTION_TRANSFER_PARAMS)
+        raise ValueError(f"unknown stage-1 parameter set {train!r}; expected one of {choices}")
+    also = ATTENTION_TRANSFER_PARAMS[train]
+    return {
+        name: p
+        for name, p in layer.named_parameters()
+        if name.split(".")[0] not in TRANSFERRED or name.split(".")[0] in also
+    }
 
 
 @torch.no_grad()
@@ -103,29 +120,31 @@ def attention_transfer(
     accelerator: Accelerator | None = None,
     checkpoint: StageCheckpoint | None = None,
     schedule: str = "constant",
+    train: str = "new",
+    weights_lr: float = 3e-3,
 ) -> list[float]:
-    """Train the new pieces of every linear layer of ``model`` to match ``base``'s attention outputs.
+    """Train every linear layer of ``model`` to match ``base``'s attention outputs.
 
     batches: global batches of input_ids [B, T]; step s uses ``batches[s % len(batches)]`` (under
     accelerate, this process's rows of it). With ``checkpoint``, the run saves itself as it goes and
-    resumes from the last save. ``lr`` is the peak of ``schedule`` (``training.LR_SCHEDULES``). Returns the
-    summed per-layer relative MSE of every step.
+    resumes from the last save. ``lr`` is the peak of ``schedule`` (``training.LR_SCHEDULES``). ``train``
+    names what trains beside the new pieces (``ATTENTION_TRANSFER_PARAMS``); those copied weights peak at
+    ``weights_lr``, far below ``lr``, since they start trained. Returns the summed per-layer relative MSE of
+    every step.
     """
     linear = _linear_layers(model)
     if not linear:
         raise ValueError("the model has no linear-attention layer to train")
     for p in model.parameters():
         p.requires_grad_(False)
-    params = {
-        f"{i}.{name}": p
-        for i, layer in linear.items()
-        for name, p in layer.named_parameters()
-        if name.split(".")[0] not in TRANSFERRED
-    }
+    params = {f"{i}.{name}": p for i, layer in linear.items() for name, p in stage1_parameters(layer, train).items()}
     for p in params.values():
         p.requires_grad_(True)
     objective = AttentionTransferObjective(linear)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0)
+    copied = [p for name, p in params.items() if name.split(".")[1] in TRANSFERRED]
+    groups = [{"params": [p for p in params.values() if all(p is not c for c in copied)], "lr": lr}]
+    groups += [{"params": copied, "lr": weights_lr}] if copied else []
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if accelerator is not None:
         objective, optimizer = accelerator.prepare(objective, optimizer)

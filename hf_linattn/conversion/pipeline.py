@@ -32,7 +32,7 @@ from hf_linattn.errors import InputError
 from hf_linattn.fileio import atomic_write_json, read_json_state
 from hf_linattn.modeling import LINEAR_LAYER_TYPES, LinAttnForCausalLM
 
-from .attention_transfer import TRANSFERRED, attention_transfer, layer_errors
+from .attention_transfer import ATTENTION_TRANSFER_PARAMS, attention_transfer, layer_errors, stage1_parameters
 from .checkpoint import StageCheckpoint, atomic_save, reading_state
 from .data import DataError, batch_for_step, check_training_tokens, read_text_sources, token_stream
 from .evaluate import greedy_agreement, perplexity, windows
@@ -73,9 +73,11 @@ class ConversionRecipe:
     keep_softmax_layers: list[int] | None = None
     softmax_selection: str = "error"
     selection_steps: int = 20
-    attention_transfer_steps: int = 100
+    attention_transfer_steps: int = 200
     attention_transfer_lr: float = 3e-1  # peaks of lr_schedule: measured best (docs/benchmarks.md, section 13)
-    lora_steps: int = 100
+    attention_transfer_params: str = "all"  # measured best (docs/benchmarks.md, section 13)
+    attention_transfer_weights_lr: float = 3e-3  # peak for the copied q/k/v/o when they train in stage 1
+    lora_steps: int = 200
     lora_lr: float = 1e-2
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -105,6 +107,10 @@ class ConversionRecipe:
             raise RecipeError(f"--loss {self.loss!r}: expected one of {', '.join(LOSSES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise RecipeError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.attention_transfer_params not in ATTENTION_TRANSFER_PARAMS:
+            choices = ", ".join(ATTENTION_TRANSFER_PARAMS)
+            value = self.attention_transfer_params
+            raise RecipeError(f"--attention-transfer-params {value!r}: expected one of {choices}")
         if self.gate_init not in GATE_INITS:
             raise RecipeError(f"--gate-init {self.gate_init!r}: expected one of {', '.join(GATE_INITS)}")
         if self.softmax_selection not in SELECTIONS:
@@ -122,7 +128,7 @@ class ConversionRecipe:
                 raise RecipeError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.eval_tokens < self.seq_len:
             raise RecipeError(f"--eval-tokens {self.eval_tokens} must be at least --seq-len {self.seq_len}")
-        for name in ("attention_transfer_lr", "lora_lr", "residual_clip"):
+        for name in ("attention_transfer_lr", "attention_transfer_weights_lr", "lora_lr", "residual_clip"):
             if not getattr(self, name) > 0:
                 raise RecipeError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
 
@@ -179,15 +185,12 @@ def train_and_eval_tokens(
     return train, held, lines
 
 
-def _new_piece_names(model: LinAttnForCausalLM) -> list[str]:
-    """Names of the linear layers' parameters that the base model does not provide (conv, gates, norms)."""
-    linear = {str(i) for i in linear_layer_indices(model)}
+def _stage1_piece_names(model: LinAttnForCausalLM, train: str) -> list[str]:
+    """Names of the linear layers' parameters that stage 1 trains (conv, gates, norms; more with ``train``)."""
     return [
-        name
-        for name, _ in model.named_parameters()
-        if ".self_attn." in name
-        and name.split(".")[2] in linear
-        and name.split(".self_attn.")[1].split(".")[0] not in TRANSFERRED
+        f"model.layers.{i}.self_attn.{name}"
+        for i in linear_layer_indices(model)
+        for name in stage1_parameters(model.model.layers[i].self_attn, train)
     ]
 
 
@@ -226,12 +229,15 @@ def run_stage1(
     if batches:
         checkpoint = StageCheckpoint(work / "stage1.safetensors", recipe.checkpoint_every)
         losses = attention_transfer(base, model, batches, recipe.attention_transfer_steps, recipe.attention_transfer_lr,
-                                    progress, accelerator, checkpoint, schedule=recipe.lr_schedule)  # fmt: skip
+                                    progress, accelerator, checkpoint, schedule=recipe.lr_schedule,
+                                    train=recipe.attention_transfer_params,
+                                    weights_lr=recipe.attention_transfer_weights_lr)  # fmt: skip
     probe = windows(held, recipe.seq_len)[: max(1, recipe.batch_size)].to(accelerator.device)
     errors = layer_errors(base, model, probe)
     per_layer = [round(errors[i], 6) for i in range(n)]
     params = dict(model.named_parameters())
-    pieces = {name: params[name].detach().cpu() for name in _new_piece_names(model)}
+    names = _stage1_piece_names(model, recipe.attention_transfer_params)
+    pieces = {name: params[name].detach().cpu() for name in names}
     if accelerator.is_main_process:
         atomic_save(pieces, done, {"errors": json.dumps(per_layer), "losses": json.dumps(losses)})
     accelerator.wait_for_everyone()
@@ -243,7 +249,8 @@ def build_student(
 ) -> LinAttnForCausalLM:
     """The hybrid with softmax layers ``kept``, linear layers carrying their stage-1 ``pieces``, on base's device."""
     student = linearize(base, hybrid_layer_types(base.config, recipe.mode, kept), **_config_overrides(recipe))
-    student.load_state_dict({k: v for k, v in pieces.items() if k in _new_piece_names(student)}, strict=False)
+    mine = set(_stage1_piece_names(student, recipe.attention_transfer_params))
+    student.load_state_dict({k: v for k, v in pieces.items() if k in mine}, strict=False)
     return student.to(base.device)
 
 

@@ -10,6 +10,7 @@ error, residual clip 1, no rotary in the linear layers, KL loss) and keeps the o
 - ``rotary``: rotary on q/k in the linear layers off / on;
 - ``loss``: stage-2 KL vs CE;
 - ``gates``: decay gates from their random init vs pooled from the teacher's keys (Liger);
+- ``stage1``: what attention transfer trains: the new pieces, also q/k, also q/k/v/o (RADLADS);
 - ``stage2``: what stage 2 trains: LoRA on q/k/v/o, plus LoRA on the MLP, plus the new mixer pieces in full;
 - ``lr``: the default peak learning rates (stage 1 / stage 2) vs LoLCATs-like 1e-2 / 1e-3;
 - ``schedule``: both stages' learning rate cosine-decayed (the default) vs constant.
@@ -35,6 +36,7 @@ from hf_linattn.errors import InputError
 from hf_linattn.evaluation.plots import pyplot, require_matplotlib, save_figure
 
 _DEFAULT = ConversionRecipe()
+_STAGE1_LABELS = {"new": "new pieces", "qk": "+ q/k", "all": "+ q/k/v/o"}  # keys: ATTENTION_TRANSFER_PARAMS
 
 # group -> row label -> recipe fields that differ from the reference (``None`` softmax counts are "1 in 4")
 GROUPS: dict[str, dict[str, dict[str, Any]]] = {
@@ -45,6 +47,10 @@ GROUPS: dict[str, dict[str, dict[str, Any]]] = {
     "rotary": {"off": {}, "on": {"linear_use_rotary": True}},
     "loss": {"KL": {}, "CE": {"loss": "ce"}},
     "gates": {"random": {}, "from keys": {"gate_init": "keys"}},
+    "stage1": {
+        label: {} if value == _DEFAULT.attention_transfer_params else {"attention_transfer_params": value}
+        for value, label in _STAGE1_LABELS.items()
+    },
     "stage2": {"LoRA q/k/v/o": {}, "+ MLP LoRA": {"lora_mlp": True}, "+ mixers in full": {"train_mixers": True}},
     "lr": {
         f"{_DEFAULT.attention_transfer_lr:g} / {_DEFAULT.lora_lr:g}": {},
@@ -93,6 +99,8 @@ def slug(fields: dict[str, Any]) -> str:
               fields.get("loss", "kl")]  # fmt: skip
     if fields.get("gate_init", "random") != "random":
         parts.append(f"gates-{fields['gate_init']}")
+    stage1 = fields.get("attention_transfer_params", _DEFAULT.attention_transfer_params)
+    parts += [f"at-{stage1}"] * (stage1 != _DEFAULT.attention_transfer_params)
     parts += ["mlp"] * bool(fields.get("lora_mlp")) + ["mixers"] * bool(fields.get("train_mixers"))
     for name, short in (("attention_transfer_lr", "atlr"), ("lora_lr", "lr"), ("lr_schedule", "")):
         if fields.get(name, getattr(_DEFAULT, name)) != getattr(_DEFAULT, name):

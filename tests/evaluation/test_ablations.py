@@ -29,14 +29,15 @@ def test_rows_shared_by_groups_convert_once_and_every_row_changes_one_thing():
     # the reference row is the same conversion in five groups
     assert reference == table["rotary"]["off"] == table["loss"]["KL"] == table["selection"]["stage-1 error"]
     assert reference == table["gates"]["random"] == table["stage2"]["LoRA q/k/v/o"]
+    assert reference in table["stage1"].values()
     default = ConversionRecipe()
     assert reference == table["lr"][f"{default.attention_transfer_lr:g} / {default.lora_lr:g}"]
     assert reference == table["schedule"][default.lr_schedule]
     assert reference == table["softmax"]["1 in 4"]
     # mode: 4 pure stacks; softmax: pure rdn is the mode group's rdn row, 1 in 8 is new
     assert table["softmax"]["pure"] == table["mode"]["rdn"]
-    # mode, 1 in 8, reference, selection, clip, rotary, loss, gates, stage2, lr, schedule
-    assert len(rows) == 4 + 1 + 1 + 2 + 2 + 1 + 1 + 1 + 2 + 1 + 1
+    # mode, 1 in 8, reference, selection, clip, rotary, loss, gates, stage1, stage2, lr, schedule
+    assert len(rows) == 4 + 1 + 1 + 2 + 2 + 1 + 1 + 1 + 2 + 2 + 1 + 1
     ref = rows[reference]
     assert ref["keep_softmax"] == 2 and ref["mode"] == "rdn" and ref["lora_steps"] == 2
     for group, labels in table.items():
@@ -50,6 +51,9 @@ def test_rows_shared_by_groups_convert_once_and_every_row_changes_one_thing():
     lolcats = rows[table["lr"]["1e-2 / 1e-3"]]
     assert (lolcats["attention_transfer_lr"], lolcats["lora_lr"]) == (1e-2, 1e-3)
     assert rows[table["schedule"]["constant"]]["lr_schedule"] == "constant"
+    stage1 = {rows[name].get("attention_transfer_params", default.attention_transfer_params)
+              for name in table["stage1"].values()}  # fmt: skip
+    assert stage1 == {"new", "qk", "all"}
     assert len(set(rows)) == len(rows)  # every row has its own folder
     ConversionRecipe(**rows[table["selection"]["KL-guided"]]).check()
     with pytest.raises(InputError, match="unknown ablation group"):
