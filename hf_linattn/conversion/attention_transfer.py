@@ -141,10 +141,11 @@ def attention_transfer(
     for p in params.values():
         p.requires_grad_(True)
     objective = AttentionTransferObjective(linear)
-    copied = [p for name, p in params.items() if name.split(".")[1] in TRANSFERRED]
-    groups = [{"params": [p for p in params.values() if all(p is not c for c in copied)], "lr": lr}]
-    groups += [{"params": copied, "lr": weights_lr}] if copied else []
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    # Two Adam groups in a fixed order (a resumed run maps optimizer moments by position): new pieces, copied weights.
+    copied = {name: name.split(".")[1] in TRANSFERRED for name in params}
+    groups = [{"params": [p for name, p in params.items() if copied[name] == c], "lr": peak}
+              for c, peak in ((False, lr), (True, weights_lr))]  # fmt: skip
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if accelerator is not None:
         objective, optimizer = accelerator.prepare(objective, optimizer)
